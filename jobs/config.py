@@ -1,0 +1,186 @@
+"""The explain job's configuration: one frozen dataclass, validated before Ray starts, saved as
+`DST/job.json` beside the outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Optional, Tuple, Union
+
+from workers.models import ModelSpec, model_kinds
+from workers.cam_methods import CAM_METHODS
+from workers.preprocessing import INTERPOLATIONS, SCALINGS
+from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
+
+DEFAULT_SHARD_SIZE = 256
+DEFAULT_BATCH_SIZE = 32
+
+
+class ConfigError(ValueError):
+    """The job cannot start as configured. The message is one line meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainConfig:
+    """Everything an explain job needs. Build it, call `validated()`, pass it to `run_explain`.
+
+    Attributes:
+        inputs: local folders or s3:// prefixes, scanned recursively for images.
+        output: local folder or s3:// prefix for outputs and manifests.
+        model: which model and weights (see `workers.models.ModelSpec`).
+        batch_size: images per compiled step (fixed shape; the tail is padded).
+        shard_size: images per shard, the unit of work and of commit.
+        address: None for an embedded local Ray; "auto" or "HOST:PORT"/"ray://..." to join a cluster.
+        workers: number of model actors; None = one per GPU, else one per node on CPU.
+        top_k: classes reported per image.
+        cam_class: "pred" (explain the predicted class), "label" (the folder label's class) or an index.
+        cam_method: "gradcam", "gradcam++" or "layercam".
+        cam_score: "logit" (pre-activation score, the paper) or "probability" (the lecture).
+        target_layer: conv layer for the CAM; None = last Conv2D.
+        activation_layers: layers to summarize; None = every Conv2D and pooling layer.
+        activation_grids: channel-grid PNGs for the first N images of each shard (0 = none).
+        overlay_quality: JPEG quality of overlays.
+        read_threads, write_threads: decode/encode pool sizes inside each worker.
+        overwrite: recompute everything, replacing a previous job in `output`.
+        max_error_rate: fraction of error rows above which the job exits non-zero.
+        max_shard_retries: attempts per shard after a worker failure before it is reported failed.
+        s3_endpoint_url: S3-compatible endpoint (MinIO, Ceph, moto); credentials never go here.
+    """
+
+    inputs: Tuple[str, ...]
+    output: str
+    model: ModelSpec
+    batch_size: int = DEFAULT_BATCH_SIZE
+    shard_size: int = DEFAULT_SHARD_SIZE
+    address: Optional[str] = None
+    workers: Optional[int] = None
+    top_k: int = 5
+    cam_class: Union[str, int] = "pred"
+    cam_method: str = "gradcam"
+    cam_score: str = "logit"
+    target_layer: Optional[str] = None
+    activation_layers: Optional[Tuple[str, ...]] = None
+    activation_grids: int = 0
+    overlay_quality: int = 90
+    read_threads: int = 4
+    write_threads: int = 4
+    overwrite: bool = False
+    max_error_rate: float = 1.0
+    max_shard_retries: int = 2
+    s3_endpoint_url: Optional[str] = None
+
+    # ------------------------------------------------------------------ validation
+
+    def validated(self) -> "ExplainConfig":
+        """Returns a normalized copy (absolute paths) after checking everything checkable
+        without loading the model.
+
+        Raises:
+            ConfigError: with a one-line reason.
+        """
+        if isinstance(self.inputs, str):
+            raise ConfigError("inputs must be a list of folders/prefixes, received a single string")
+        if not self.inputs:
+            raise ConfigError("at least one --input is required")
+        if self.s3_endpoint_url:
+            os.environ["BULK_EXPLAIN_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        try:
+            inputs = tuple(dict.fromkeys(normalize_uri(i) for i in self.inputs))
+            output = normalize_uri(self.output)
+            for uri in (*inputs, output):
+                storage_for(uri)
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
+        for uri in inputs:
+            if scheme_of(uri) == "file" and not os.path.isdir(uri):
+                raise ConfigError(f"input folder not found: {uri}")
+            if scheme_of(uri) == scheme_of(output) and storage_for(output).is_inside(output, uri):
+                raise ConfigError(f"output {output} is inside input {uri}: outputs would be re-read as inputs")
+        if scheme_of(output) == "file" and os.path.exists(output) and not os.path.isdir(output):
+            raise ConfigError(f"output exists and is not a folder: {output}")
+        m = self.model
+        if m.kind not in model_kinds():
+            raise ConfigError(f"unknown model {m.kind!r}; expected one of {', '.join(model_kinds())}")
+        for path, what in ((m.model_file, "model file"), (m.class_names_file, "class names file")):
+            if path and scheme_of(path) == "file" and not os.path.isfile(path):
+                raise ConfigError(f"{what} not found: {path}")
+        if m.weights not in ("imagenet", "random") and not os.path.isfile(m.weights):
+            raise ConfigError(f"--weights must be imagenet, random or an existing file, received {m.weights!r}")
+        if m.kind == "keras" and not m.model_file:
+            raise ConfigError("--model keras needs --model-file PATH")
+        if m.kind == "cats_dogs" and not m.model_file and m.weights == "imagenet":
+            raise ConfigError("--model cats_dogs needs --model-file PATH (or --weights random for a demo)")
+        if m.scaling is not None and m.scaling not in SCALINGS:
+            raise ConfigError(f"unknown --scaling {m.scaling!r}; expected one of {', '.join(SCALINGS)}")
+        if m.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"unknown --interpolation {m.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"
+            )
+        for name, value, low in (
+            ("batch size", self.batch_size, 1),
+            ("shard size", self.shard_size, 1),
+            ("top-k", self.top_k, 1),
+            ("read threads", self.read_threads, 1),
+            ("write threads", self.write_threads, 1),
+            ("activation grids", self.activation_grids, 0),
+            ("max shard retries", self.max_shard_retries, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, received {value!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError(f"workers must be an integer >= 1, received {self.workers!r}")
+        if not (1 <= self.overlay_quality <= 100):
+            raise ConfigError(f"overlay quality must be 1..100, received {self.overlay_quality}")
+        if not (0.0 <= self.max_error_rate <= 1.0):
+            raise ConfigError(f"max error rate must be within 0..1, received {self.max_error_rate}")
+        cam_class = self.cam_class
+        if isinstance(cam_class, str) and cam_class not in ("pred", "label"):
+            try:
+                cam_class = int(cam_class)
+            except ValueError:
+                raise ConfigError(f"--cam-class must be pred, label or a class index, received {cam_class!r}") from None
+        if isinstance(cam_class, int) and cam_class < 0:
+            raise ConfigError(f"--cam-class index must be >= 0, received {cam_class}")
+        if self.cam_method not in CAM_METHODS:
+            raise ConfigError(f"unknown --cam-method {self.cam_method!r}; expected one of {', '.join(CAM_METHODS)}")
+        if self.cam_score not in ("logit", "probability"):
+            raise ConfigError(f"--cam-score must be logit or probability, received {self.cam_score!r}")
+        model = m
+        if m.model_file and scheme_of(m.model_file) == "file":
+            model = dataclasses.replace(model, model_file=os.path.abspath(m.model_file))
+        if m.weights not in ("imagenet", "random"):
+            model = dataclasses.replace(model, weights=os.path.abspath(m.weights))
+        if m.class_names_file:
+            model = dataclasses.replace(model, class_names_file=os.path.abspath(m.class_names_file))
+        return dataclasses.replace(
+            self,
+            inputs=inputs,
+            output=output,
+            model=model,
+            cam_class=cam_class,
+            activation_layers=tuple(self.activation_layers) if self.activation_layers is not None else None,
+        )
+
+    # ------------------------------------------------------------------ serialization
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExplainConfig":
+        d = dict(d)
+        d["model"] = ModelSpec(**d["model"])
+        d["inputs"] = tuple(d["inputs"])
+        if d.get("activation_layers") is not None:
+            d["activation_layers"] = tuple(d["activation_layers"])
+        return cls(**d)
+
+    def result_fingerprint(self) -> str:
+        """Hash of every setting that changes manifest rows; where/how fast it runs is excluded."""
+        d = self.to_dict()
+        for key in ("inputs", "output", "address", "workers", "batch_size", "shard_size", "read_threads",
+                    "write_threads", "overwrite", "max_error_rate", "max_shard_retries", "s3_endpoint_url"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

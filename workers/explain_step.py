@@ -1,0 +1,203 @@
+"""The compute stage: ONE compiled TensorFlow step per batch.
+
+For a fixed-shape uint8 batch it returns, per image: class probabilities' top-k, the predicted
+class, the class-activation map of the explained class at the target layer's resolution, and
+activation statistics (mean, std, max, zero_fraction) of every summarized layer, all reduced in
+the graph so only small arrays cross back to Python.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from workers.cam_methods import cam_method
+from workers.models import LoadedModel, ModelError
+
+CAM_SCORES = ("logit", "probability")
+
+
+def _pre_activation_output(model):
+    """Returns a KerasTensor holding the model's output before its final softmax/sigmoid."""
+    import keras
+
+    last = model.layers[-1]
+    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
+        return last.input
+    act = getattr(last, "activation", None)
+    if act is None or getattr(act, "__name__", "") == "linear":
+        return model.outputs[0]
+    # Clone the last layer with a linear activation instead of mutating the caller's model.
+    config = last.get_config()
+    config["activation"] = "linear"
+    config["name"] = last.name + "_logits"
+    linear = last.__class__.from_config(config)
+    linear.build(last.input.shape)
+    linear.set_weights(last.get_weights())
+    return linear(last.input)
+
+
+class ExplainStep:
+    """Builds and owns the compiled per-batch step for one model.
+
+    Args:
+        loaded: the model and its metadata.
+        batch_size: the fixed batch size of the compiled step (short batches are padded).
+        target_layer: Conv layer for the CAM; default the last Conv2D.
+        activation_layers: layers to summarize; default every Conv2D and pooling layer.
+        method: CAM method name ("gradcam", "gradcam++", "layercam").
+        cam_score: "logit" (pre-activation y^c, the paper) or "probability" (the lecture).
+        top_k: how many classes to report per image.
+
+    Raises:
+        ModelError: a named layer does not exist or has the wrong rank.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        batch_size: int,
+        target_layer: Optional[str] = None,
+        activation_layers: Optional[Sequence[str]] = None,
+        method: str = "gradcam",
+        cam_score: str = "logit",
+        top_k: int = 5,
+    ):
+        import keras
+        import tensorflow as tf
+
+        if cam_score not in CAM_SCORES:
+            raise ValueError(f"cam_score must be one of {CAM_SCORES}, received {cam_score!r}")
+        self.loaded = loaded
+        self.batch_size = int(batch_size)
+        model = loaded.model
+        self.target_layer = target_layer or loaded.conv_layer_names()[-1]
+        self.activation_layers = list(
+            activation_layers if activation_layers is not None else loaded.default_activation_layers()
+        )
+        names = [l.name for l in model.layers]
+        for name in [self.target_layer, *self.activation_layers]:
+            if name not in names:
+                raise ModelError(f"layer {name!r} not found in model; it has: {', '.join(names)}")
+        for name in [self.target_layer, *self.activation_layers]:
+            rank = len(model.get_layer(name).output.shape)
+            if rank != 4:
+                raise ModelError(f"layer {name!r} must output (batch, h, w, channels) maps, its rank is {rank}")
+        self.top_k = max(1, min(int(top_k), loaded.num_classes))
+        self.cam_score = cam_score
+        self.method = cam_method(method)
+
+        # One graph with every tensor we need: target maps, summarized maps, logits.
+        map_layers = list(dict.fromkeys([self.target_layer, *self.activation_layers]))
+        self._act_index = [map_layers.index(n) for n in self.activation_layers]
+        outputs = [model.get_layer(n).output for n in map_layers] + [_pre_activation_output(model)]
+        self._graph = keras.Model(model.inputs, outputs, name="explain_graph")
+        self._map_layers = map_layers
+        h, w = loaded.preprocessing.size
+        spec = [
+            tf.TensorSpec([self.batch_size, h, w, 3], tf.uint8),
+            tf.TensorSpec([self.batch_size], tf.int32),
+        ]
+        self._compiled = tf.function(self._step, input_signature=spec, reduce_retracing=True)
+        self._grid_fn = None
+
+    # ------------------------------------------------------------------ graph
+
+    def _probabilities(self, logits):
+        import tensorflow as tf
+
+        kind = self.loaded.output_kind
+        if kind == "sigmoid" and logits.shape[-1] == 1:
+            p = tf.sigmoid(logits[:, 0])
+            return tf.stack([1.0 - p, p], axis=1)
+        if kind == "sigmoid":
+            return tf.sigmoid(logits)  # multi-label: independent probabilities
+        return tf.nn.softmax(logits, axis=-1)
+
+    def _class_score(self, logits, probs, cls):
+        """y^c per image: the pre-activation score (or the probability), never summed over classes."""
+        import tensorflow as tf
+
+        if self.cam_score == "probability":
+            return tf.gather(probs, cls, axis=1, batch_dims=1)
+        if self.loaded.output_kind == "sigmoid" and logits.shape[-1] == 1:
+            # Binary sigmoid: the logit favours class 1; class 0's score is its negation.
+            return tf.where(cls == 1, logits[:, 0], -logits[:, 0])
+        return tf.gather(logits, cls, axis=1, batch_dims=1)
+
+    def _step(self, images, requested_class):
+        import tensorflow as tf
+
+        x = self.loaded.preprocessing.scale_tensor(tf.cast(images, tf.float32))
+        with tf.GradientTape() as tape:
+            outs = self._graph(x, training=False)
+            maps, logits = outs[:-1], outs[-1]
+            target = maps[0]
+            probs = self._probabilities(logits)
+            pred = tf.argmax(probs, axis=1, output_type=tf.int32)
+            num = tf.shape(probs)[1]
+            valid = (requested_class >= 0) & (requested_class < num)
+            cls = tf.where(valid, requested_class, pred)
+            # Summing per-image scores keeps each image's gradient its own: image i's score
+            # depends only on image i (inference mode), so d(sum)/dA_i = dy_i/dA_i.
+            score = tf.reduce_sum(self._class_score(logits, probs, cls))
+        grads = tape.gradient(score, target)
+        cam = self.method(grads, target)
+        stats = []
+        for i in self._act_index:
+            a = maps[i]
+            stats.append(
+                tf.stack(
+                    [
+                        tf.reduce_mean(a, axis=(1, 2, 3)),
+                        tf.math.reduce_std(a, axis=(1, 2, 3)),
+                        tf.reduce_max(a, axis=(1, 2, 3)),
+                        tf.reduce_mean(tf.cast(tf.equal(a, 0.0), tf.float32), axis=(1, 2, 3)),
+                    ],
+                    axis=1,
+                )
+            )
+        stats = tf.stack(stats, axis=1) if stats else tf.zeros([tf.shape(x)[0], 0, 4])
+        top_scores, top_index = tf.math.top_k(probs, k=self.top_k)
+        return {
+            "pred_index": pred,
+            "pred_score": tf.gather(probs, pred, axis=1, batch_dims=1),
+            "cam_index": cls,
+            "cam": cam,
+            "stats": stats,  # [B, layers, (mean, std, max, zero_fraction)]
+            "top_index": top_index,
+            "top_score": top_scores,
+        }
+
+    # ------------------------------------------------------------------ public
+
+    def __call__(self, images: np.ndarray, requested_class: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+        """Runs the compiled step on up to `batch_size` uint8 RGB images of the model's input size.
+
+        Args:
+            images: [n, h, w, 3] uint8, n <= batch_size (padded here, results trimmed).
+            requested_class: [n] int32 class to explain per image, -1 for the predicted class.
+
+        Returns:
+            dict of numpy arrays with leading dimension n.
+        """
+        n = images.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} images exceeds the compiled batch size {self.batch_size}")
+        if requested_class is None:
+            requested_class = np.full((n,), -1, np.int32)
+        if n < self.batch_size:
+            pad = self.batch_size - n
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+            requested_class = np.concatenate([requested_class, np.full((pad,), -1, np.int32)])
+        out = self._compiled(images, requested_class.astype(np.int32))
+        return {k: v.numpy()[:n] for k, v in out.items()}
+
+    def activation_maps(self, images: np.ndarray) -> List[np.ndarray]:
+        """Full activation maps of the summarized layers for a few images (channel grids)."""
+        import tensorflow as tf
+
+        x = self.loaded.preprocessing.scale_tensor(tf.cast(images, tf.float32))
+        outs = self._graph(x, training=False)
+        return [outs[i].numpy() for i in self._act_index]

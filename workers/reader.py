@@ -1,0 +1,86 @@
+"""The read stage: fetch + decode + resize in a thread pool that runs ahead of compute."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from concurrent.futures import Executor
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from workers.image_io import ImageDecodeError, decode_rgb, image_id
+from workers.preprocessing import Preprocessing
+from workers.storage import storage_for
+
+
+@dataclasses.dataclass
+class DecodedImage:
+    """One input after the read stage. `error` set means it becomes an error row."""
+
+    position: int
+    uri: str
+    label: Optional[str]
+    size: int
+    version: str
+    image_id: Optional[str] = None
+    rgb: Optional[np.ndarray] = None  # original size, display orientation
+    model_input: Optional[np.ndarray] = None  # resized to the model input size
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_one(position, uri, label, size, version, preprocessing: Preprocessing) -> DecodedImage:
+    """Never raises: any failure becomes `DecodedImage.error` (one line)."""
+    item = DecodedImage(position, uri, label, size, version)
+    try:
+        data = storage_for(uri).read_bytes(uri)
+    except FileNotFoundError:
+        item.error = "file disappeared between listing and reading"
+        return item
+    except Exception as exc:
+        item.error = f"cannot read: {_one_line(exc)}"
+        return item
+    item.image_id = image_id(data)
+    try:
+        item.rgb = decode_rgb(data)
+        item.model_input = preprocessing.resize(item.rgb)
+    except ImageDecodeError as exc:
+        item.error = str(exc)
+    except Exception as exc:
+        item.error = f"cannot decode: {_one_line(exc)}"
+    return item
+
+
+def iter_decoded_batches(task, preprocessing: Preprocessing, batch_size: int, pool: Executor,
+                         lookahead_batches: int = 2) -> Iterator[List[DecodedImage]]:
+    """Yields the shard's images in order, `batch_size` at a time, decoding up to
+    `lookahead_batches` batches ahead so decode overlaps compute. Memory stays bounded by the window."""
+    n = len(task.uris)
+    window = batch_size * (lookahead_batches + 1)
+    pending = collections.deque()
+    next_index = 0
+
+    def fill():
+        nonlocal next_index
+        while next_index < n and len(pending) < window:
+            i = next_index
+            pending.append(pool.submit(read_one, i, task.uris[i], task.labels[i], task.sizes[i],
+                                       task.versions[i], preprocessing))
+            next_index += 1
+
+    fill()
+    while pending:
+        batch = []
+        while pending and len(batch) < batch_size:
+            batch.append(pending.popleft().result())
+            fill()
+        yield batch

@@ -1,0 +1,208 @@
+"""Storage seam: every byte the job reads or writes goes through a `Storage`.
+
+A backend is one class registered for a URI scheme. The driver lists through it, workers read
+images and write outputs through it; nothing else touches `open()` or boto3 directly, so a new
+store (S3, GCS, ...) is one more subclass, not a branch in the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import uuid
+from typing import Callable, Dict, Iterator, Optional, Type
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    """One listed object.
+
+    Attributes:
+        uri: absolute path or `scheme://bucket/key`.
+        size: bytes.
+        version: what changes when the content changes (mtime_ns locally, ETag on S3).
+    """
+
+    uri: str
+    size: int
+    version: str
+
+
+class StorageError(Exception):
+    """A storage operation failed in a way the user must fix (missing root, no permission...)."""
+
+
+class Storage:
+    """Base class: one instance per URI scheme, safe to share between threads."""
+
+    scheme: str = ""
+
+    def list_files(self, root: str, extensions=IMAGE_EXTENSIONS) -> Iterator[FileEntry]:
+        """Yields every file under `root` (recursive) whose name ends in one of `extensions`.
+
+        Order is unspecified; the planner sorts.
+        """
+        raise NotImplementedError
+
+    def read_bytes(self, uri: str) -> bytes:
+        raise NotImplementedError
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Writes `data` so that readers see either nothing or all of it (atomic replace)."""
+        raise NotImplementedError
+
+    def exists(self, uri: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, uri: str) -> None:
+        """Deletes `uri` if it exists."""
+        raise NotImplementedError
+
+    def list_names(self, prefix_uri: str) -> Iterator[str]:
+        """Yields URIs directly or recursively under `prefix_uri` (no extension filter)."""
+        raise NotImplementedError
+
+    def join(self, base: str, *parts: str) -> str:
+        raise NotImplementedError
+
+    def is_inside(self, child: str, parent: str) -> bool:
+        """True when `child` is `parent` or lies under it."""
+        child, parent = child.rstrip("/"), parent.rstrip("/")
+        return child == parent or child.startswith(parent + "/")
+
+    def filesystem(self, root: str):
+        """Returns `(pyarrow.fs.FileSystem, path)` for reading Parquet datasets under `root`."""
+        raise NotImplementedError
+
+
+class LocalStorage(Storage):
+    """Local (or mounted network) filesystem. URIs are absolute paths."""
+
+    scheme = "file"
+
+    @staticmethod
+    def _path(uri: str) -> str:
+        if uri.startswith("file://"):
+            uri = uri[len("file://"):]
+        return os.path.abspath(os.path.expanduser(uri))
+
+    def list_files(self, root, extensions=IMAGE_EXTENSIONS):
+        root = self._path(root)
+        if not os.path.isdir(root):
+            raise StorageError(f"input folder does not exist or is not a folder: {root}")
+        seen_dirs = set()
+        # os.walk(followlinks=True) loops forever on a symlink cycle: remember real dirs visited.
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real)
+            # Hidden folders (.git, .ipynb_checkpoints, .Trash) are never datasets.
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith(".") or not name.lower().endswith(extensions):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue  # dangling symlink: nothing to read
+                yield FileEntry(uri=path, size=st.st_size, version=str(st.st_mtime_ns))
+
+    def list_names(self, prefix_uri):
+        root = self._path(prefix_uri)
+        if not os.path.isdir(root):
+            return
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                yield os.path.join(dirpath, name)
+
+    def read_bytes(self, uri):
+        with open(self._path(uri), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, uri, data):
+        path = self._path(uri)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        # Temp name starts with "_" so pyarrow dataset discovery never sees a half-written part.
+        tmp = os.path.join(folder, f"_tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def exists(self, uri):
+        return os.path.exists(self._path(uri))
+
+    def delete(self, uri):
+        try:
+            os.remove(self._path(uri))
+        except FileNotFoundError:
+            pass
+
+    def join(self, base, *parts):
+        return os.path.join(self._path(base), *parts)
+
+    def is_inside(self, child, parent):
+        child, parent = os.path.realpath(self._path(child)), os.path.realpath(self._path(parent))
+        return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+    def filesystem(self, root):
+        import pyarrow.fs
+
+        return pyarrow.fs.LocalFileSystem(), self._path(root)
+
+    def normalize(self, uri: str) -> str:
+        return self._path(uri)
+
+
+_BACKENDS: Dict[str, Callable[[], Storage]] = {"file": LocalStorage}
+_INSTANCES: Dict[str, Storage] = {}
+
+
+def register_storage(scheme: str, factory: Callable[[], Storage]) -> None:
+    """Registers a backend for `scheme://` URIs."""
+    _BACKENDS[scheme] = factory
+
+
+def scheme_of(uri: str) -> str:
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    return "file"
+
+
+def storage_for(uri: str) -> Storage:
+    """Returns the (cached) backend for `uri`.
+
+    Raises:
+        StorageError: no backend for the URI's scheme.
+    """
+    scheme = scheme_of(uri)
+    if scheme not in _BACKENDS:
+        _load_optional_backends()
+    if scheme not in _BACKENDS:
+        raise StorageError(
+            f"unsupported storage scheme {scheme!r} in {uri!r}; expected a local path or one of "
+            + ", ".join(f"{s}://" for s in sorted(_BACKENDS) if s != "file")
+        )
+    if scheme not in _INSTANCES:
+        _INSTANCES[scheme] = _BACKENDS[scheme]()
+    return _INSTANCES[scheme]
+
+
+def normalize_uri(uri: str) -> str:
+    """Absolute form of a URI: local paths made absolute, remote URIs unchanged."""
+    backend = storage_for(uri)
+    return backend.normalize(uri) if hasattr(backend, "normalize") else uri
+
+
+def _load_optional_backends() -> None:
+    # Backends with heavy imports (boto3) register themselves when imported.
+    try:
+        from workers import storage_s3  # noqa: F401
+    except ImportError:
+        pass

@@ -1,0 +1,129 @@
+"""The write stage: heatmaps, overlays and channel grids encoded and written in a thread pool
+behind compute; then the shard's manifest part (atomic) and, last, its commit marker."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
+from workers import image_io
+from workers.layout import OutputLayout
+from workers.reader import DecodedImage
+
+
+def base_row(item: DecodedImage, shard: int) -> dict:
+    return {
+        "source_uri": item.uri,
+        "image_id": item.image_id,
+        "status": "ok" if item.ok else "error",
+        "error": item.error,
+        "width": int(item.rgb.shape[1]) if item.rgb is not None else None,
+        "height": int(item.rgb.shape[0]) if item.rgb is not None else None,
+        "label": item.label,
+        "top_k": [],
+        "activations": [],
+        "activation_grid_uris": [],
+        "source_size": item.size,
+        "source_version": item.version,
+        "shard": shard,
+    }
+
+
+class ShardWriter:
+    """Writes one shard's per-image outputs and, on `commit`, its manifest part and marker.
+
+    Args:
+        layout: output naming.
+        shard: shard id.
+        class_names: model class names (index -> label).
+        activation_layers: names of the summarized layers, in stats order.
+        overlay_quality: JPEG quality.
+    """
+
+    def __init__(self, layout: OutputLayout, shard: int, class_names: Sequence[str],
+                 activation_layers: Sequence[str], overlay_quality: int = 90):
+        self.layout = layout
+        self.storage = layout.storage
+        self.shard = shard
+        self.class_names = list(class_names)
+        self.activation_layers = list(activation_layers)
+        self.overlay_quality = overlay_quality
+
+    def error_row(self, item: DecodedImage) -> dict:
+        return base_row(item, self.shard)
+
+    def image_row(self, item: DecodedImage, result: Dict[str, np.ndarray],
+                  activation_maps: Optional[List[np.ndarray]] = None) -> dict:
+        """Encodes and writes the image's outputs; returns its manifest row. Runs in the write pool.
+
+        `result` holds this image's slice of the compiled step's outputs.
+        """
+        row = base_row(item, self.shard)
+        try:
+            h, w = item.rgb.shape[:2]
+            cam_full = image_io.upsample_cam(result["cam"], w, h)
+            heat = image_io.heatmap_uint8(cam_full)
+            overlay = image_io.overlay_bgr(item.rgb, heat)
+            heat_uri = self.layout.heatmap(self.shard, item.position, item.image_id)
+            overlay_uri = self.layout.overlay(self.shard, item.position, item.image_id)
+            self.storage.write_bytes(heat_uri, image_io.encode_png(heat))
+            self.storage.write_bytes(overlay_uri, image_io.encode_jpeg(overlay, self.overlay_quality))
+            grid_uris = []
+            for li, maps in enumerate(activation_maps or []):
+                uri = self.layout.activation_grid(self.shard, item.position, item.image_id, li,
+                                                  self.activation_layers[li])
+                self.storage.write_bytes(uri, image_io.encode_png(image_io.channel_grid(maps)))
+                grid_uris.append(uri)
+            peak_x, peak_y = image_io.cam_peak(cam_full)
+            pred = int(result["pred_index"])
+            stats = result["stats"]
+            row.update(
+                pred_index=pred,
+                pred_label=self.class_names[pred],
+                pred_score=float(result["pred_score"]),
+                top_k=[
+                    {"index": int(i), "label": self.class_names[int(i)], "score": float(s)}
+                    for i, s in zip(result["top_index"], result["top_score"])
+                ],
+                gradcam_index=int(result["cam_index"]),
+                gradcam_overlay_uri=overlay_uri,
+                gradcam_heatmap_uri=heat_uri,
+                cam_peak_x=float(peak_x),
+                cam_peak_y=float(peak_y),
+                activations=[
+                    {"layer": name, "mean": float(s[0]), "std": float(s[1]), "max": float(s[2]),
+                     "zero_fraction": float(s[3])}
+                    for name, s in zip(self.activation_layers, stats)
+                ],
+                activation_grid_uris=grid_uris,
+            )
+        except Exception as exc:  # a write failure is this image's error, not the shard's
+            row.update(status="error", error=f"cannot write outputs: {type(exc).__name__}: {exc}".replace("\n", " "))
+        return row
+
+    def commit(self, rows: List[dict], content_hash: str, seconds: float, result_fingerprint: str) -> dict:
+        """Writes the manifest part (one atomic write) and then the commit marker."""
+        table = pa.Table.from_pylist(rows, schema=IMAGE_MANIFEST_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.storage.write_bytes(self.layout.manifest_part(self.shard), buf.getvalue())
+        ok = sum(1 for r in rows if r["status"] == "ok")
+        marker = {
+            "shard": self.shard,
+            "rows": len(rows),
+            "ok": ok,
+            "error": len(rows) - ok,
+            "content_hash": content_hash,
+            "result_fingerprint": result_fingerprint,
+            "seconds": round(seconds, 3),
+            "committed_at": time.time(),
+        }
+        self.storage.write_bytes(self.layout.commit_marker(self.shard), json.dumps(marker).encode())
+        return marker
