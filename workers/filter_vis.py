@@ -1,0 +1,373 @@
+"""Filter visualization by gradient ascent in input space (the lecture's procedure), batched.
+
+The lecture (Chollet, Deep Learning with Python, 9.4.2) visualizes one filter at a time:
+
+    image = uniform(0.4, 0.6, (1, 150, 150, 3))
+    repeat 30 times:
+        loss  = mean(feature_extractor(image)[:, 2:-2, 2:-2, filter_index])
+        grads = l2_normalize(d loss / d image)
+        image += 10 * grads
+    deprocess: standardize, x64 + 128, clip to 0..255, centre-crop 25 px
+
+`FilterAscent` runs the same procedure for B filters at once, one filter per batch element, all
+steps inside one compiled call:
+
+* each element's loss is the mean of *its own* filter's channel (a gather with batch_dims=1), and
+  the summed loss gives each element exactly the gradient it would get alone (the elements never
+  interact: the model runs with training=False);
+* the gradient is L2-normalized **per element** (axis 1, 2, 3). Normalizing the whole batch tensor,
+  the naive port of the lecture's `tf.math.l2_normalize(grads)`, couples the filters: every step
+  size then depends on which other filters share the batch;
+* the start noise comes from a generator seeded per (seed, layer, filter), so a filter starts from
+  the same image whether it runs alone, in a batch of 4 or of 128.
+
+As in the lecture, the image tensor goes into the feature extractor as it is: no model
+preprocessing (no VGG16 mean subtraction) is applied during the ascent.
+
+The steps are unrolled inside one `tf.function` (a Python loop over a fixed step count): measured
+here, a `tf.while_loop` body ran 3x slower on CPU than the same steps unrolled, because graph
+optimizations do not reach inside the loop body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+LECTURE_SIZE = 150
+LECTURE_CROP = 25
+LECTURE_BORDER = 2
+
+
+# ---------------------------------------------------------------- start noise and deprocessing
+
+
+def start_noise(seed: int, layer: str, filter_index: int, size: int) -> np.ndarray:
+    """The start image of one filter: uniform 0.4..0.6, float32, shape (size, size, 3).
+
+    The generator is seeded by (seed, layer, filter_index) only, so the noise does not depend on
+    the batch a filter runs in.
+    """
+    seq = np.random.SeedSequence([int(seed), zlib.crc32(layer.encode("utf-8")), int(filter_index)])
+    rng = np.random.default_rng(seq)
+    return rng.uniform(0.4, 0.6, size=(size, size, 3)).astype(np.float32)
+
+
+def crop_for_size(size: int) -> int:
+    """The lecture's 25-px crop at 150 px, scaled to `size`."""
+    return int(round(LECTURE_CROP * size / LECTURE_SIZE))
+
+
+def deprocess_image(image: np.ndarray, crop: Optional[int] = None) -> np.ndarray:
+    """The lecture's deprocess_image: standardize, x64 + 128, clip, uint8, centre-crop.
+
+    Args:
+        image: float HxWx3 ascent result (not modified).
+        crop: pixels cut from each side; default the lecture's 25 px scaled to the image size.
+
+    A constant image (std 0) becomes uniform 128 instead of the lecture's NaN.
+    """
+    image = np.array(image, dtype=np.float32, copy=True)
+    if crop is None:
+        crop = crop_for_size(image.shape[0])
+    image -= image.mean()
+    std = image.std()
+    if std > 0:
+        image /= std
+    image *= 64
+    image += 128
+    image = np.clip(image, 0, 255).astype("uint8")
+    if crop > 0:
+        image = image[crop:-crop, crop:-crop, :]
+    return image
+
+
+def contact_sheet(tiles: Sequence[np.ndarray], per_row: int = 16, margin: int = 5,
+                  background: int = 0) -> np.ndarray:
+    """Stitches equal-size tiles into the lecture's grid: `per_row` tiles a row, `margin` px apart.
+
+    Width = c*w + (c-1)*margin with c = min(per_row, len(tiles)); height likewise with
+    ceil(len(tiles)/per_row) rows. Tiles are HxW (gray) or HxWxC; the sheet has the tiles' layout.
+    """
+    if not tiles:
+        raise ValueError("contact sheet needs at least one tile")
+    h, w = tiles[0].shape[:2]
+    cols = min(per_row, len(tiles))
+    rows = int(math.ceil(len(tiles) / per_row))
+    shape = (rows * h + (rows - 1) * margin, cols * w + (cols - 1) * margin) + tuple(tiles[0].shape[2:])
+    sheet = np.full(shape, background, dtype=tiles[0].dtype)
+    for k, tile in enumerate(tiles):
+        if tile.shape != tiles[0].shape:
+            raise ValueError(f"tile {k} has shape {tile.shape}, expected {tiles[0].shape}")
+        r, c = divmod(k, per_row)
+        y, x = r * (h + margin), c * (w + margin)
+        sheet[y:y + h, x:x + w] = tile
+    return sheet
+
+
+def encode_png(image: np.ndarray, channel_order: str = "RGB") -> bytes:
+    """PNG bytes of a uint8 HxW or HxWx3 image whose channels are in `channel_order`."""
+    import cv2
+
+    if image.ndim == 3 and image.shape[2] == 3 and channel_order == "RGB":
+        image = image[:, :, ::-1]  # OpenCV writes BGR
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """RGB (or gray) uint8 array from PNG bytes."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("not a decodable image")
+    if image.ndim == 3:
+        image = image[:, :, ::-1]
+    return np.ascontiguousarray(image)
+
+
+# ---------------------------------------------------------------- batched ascent
+
+
+@dataclasses.dataclass
+class AscentResult:
+    """Outputs for n filters, in the order asked.
+
+    Attributes:
+        images: float32 (n, size, size, 3) final images (before deprocessing).
+        activation_start: float32 (n,) loss (mean filter activation, border cut) on the start noise.
+        activation_end: float32 (n,) loss on the final image.
+        batch_sizes: batch size of each compiled call made (padding included).
+        seconds: wall time spent.
+    """
+
+    images: np.ndarray
+    activation_start: np.ndarray
+    activation_end: np.ndarray
+    batch_sizes: List[int]
+    seconds: float
+
+
+def is_oom(exc: BaseException) -> bool:
+    import tensorflow as tf
+
+    if isinstance(exc, tf.errors.ResourceExhaustedError):
+        return True
+    return isinstance(exc, tf.errors.InternalError) and "out of memory" in str(exc).lower()
+
+
+class FilterAscent:
+    """Gradient ascent for the filters of one layer, B filters per compiled call.
+
+    Args:
+        model: a Keras model with one (batch, H, W, 3) input.
+        layer_name: a layer with a 4-D (batch, h, w, filters) output.
+        size: square image size.
+        steps, learning_rate: the lecture's 30 and 10.
+        border: activation pixels cut on each side in the loss (the lecture's 2); reduced where the
+            layer's output is too small to keep any pixel (then `border_used` says what was cut).
+    """
+
+    def __init__(self, model, layer_name: str, size: int, steps: int = 30, learning_rate: float = 10.0,
+                 border: int = LECTURE_BORDER):
+        import keras
+
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, received {steps}")
+        layer = model.get_layer(layer_name)
+        self.layer_name = layer_name
+        self.size = int(size)
+        self.steps = int(steps)
+        self.learning_rate = float(learning_rate)
+        self.extractor = keras.Model(model.inputs, layer.output)
+        out = self.extractor.compute_output_shape((1, self.size, self.size, 3))
+        if len(out) != 4:
+            raise ValueError(f"layer {layer_name!r} output is {tuple(out)}, expected (batch, h, w, filters)")
+        _, oh, ow, channels = out
+        if oh is None or ow is None or oh < 1 or ow < 1:
+            raise ValueError(f"layer {layer_name!r} has no spatial output at input size {size}")
+        self.num_filters = int(channels)
+        self.output_hw = (int(oh), int(ow))
+        # The lecture cuts 2 px per side; keep at least one pixel where the map is smaller than 5 px.
+        self.border_used = (min(border, (int(oh) - 1) // 2), min(border, (int(ow) - 1) // 2))
+        self._compiled: Dict[int, Callable] = {}
+        self.timings: Dict[int, float] = {}  # batch size -> measured seconds per filter
+
+    # -------------------------------------------------------------- compiled step
+
+    def _loss(self, x, filter_index):
+        import tensorflow as tf
+
+        act = self.extractor(x, training=False)
+        bh, bw = self.border_used
+        h, w = self.output_hw
+        act = act[:, bh:h - bh, bw:w - bw, :]
+        own = tf.gather(act, filter_index, axis=3, batch_dims=1)  # (B, h', w'): each element's filter
+        return tf.reduce_mean(own, axis=[1, 2])
+
+    def _function(self, batch: int):
+        fn = self._compiled.get(batch)
+        if fn is not None:
+            return fn
+        import tensorflow as tf
+
+        steps, lr = self.steps, self.learning_rate
+
+        def ascend(images, filter_index):
+            x = images
+            start = None
+            for _ in range(steps):  # unrolled: one graph for all steps
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    per_filter = self._loss(x, filter_index)
+                    total = tf.reduce_sum(per_filter)
+                if start is None:
+                    start = per_filter
+                grads = tape.gradient(total, x)
+                grads = tf.math.l2_normalize(grads, axis=[1, 2, 3])  # per filter, never per batch
+                x = x + lr * grads
+            return x, start, self._loss(x, filter_index)
+
+        spec = (
+            tf.TensorSpec((batch, self.size, self.size, 3), tf.float32),
+            tf.TensorSpec((batch,), tf.int32),
+        )
+        fn = tf.function(ascend, input_signature=spec)
+        self._compiled[batch] = fn
+        return fn
+
+    def compiled_sizes(self) -> List[int]:
+        return sorted(self._compiled)
+
+    def run_batch(self, images: np.ndarray, filter_indices: Sequence[int]):
+        """One compiled call on exactly len(filter_indices) filters. Raises TF's OOM errors."""
+        batch = len(filter_indices)
+        fn = self._function(batch)
+        x, start, end = fn(np.asarray(images, np.float32), np.asarray(filter_indices, np.int32))
+        return x.numpy(), start.numpy(), end.numpy()
+
+    # -------------------------------------------------------------- many filters
+
+    def ascend(self, filter_indices: Sequence[int], start_images: np.ndarray,
+               batch_size: Optional[int] = None, auto: str = "measure",
+               max_batch: int = 64) -> AscentResult:
+        """Runs the ascent for `filter_indices` from `start_images` (n, size, size, 3).
+
+        Args:
+            batch_size: filters per compiled call; None picks it (see `auto`).
+            auto: how to pick when batch_size is None: "measure" (CPU: time B=1, 4, 16... on the
+                first real filters, keep the fastest; never slower than one at a time) or "max"
+                (GPU: `max_batch`, halved on out-of-memory).
+            max_batch: largest batch tried.
+
+        The tail is padded to the batch shape (repeating the last filter) unless a smaller batch
+        size is already compiled, in which case the tail is split over compiled sizes.
+        A batch that runs out of memory is halved and retried, down to 1.
+        """
+        t0 = time.perf_counter()
+        filters = [int(i) for i in filter_indices]
+        n = len(filters)
+        start_images = np.asarray(start_images, np.float32)
+        if start_images.shape != (n, self.size, self.size, 3):
+            raise ValueError(f"start images shape {start_images.shape}, expected {(n, self.size, self.size, 3)}")
+        images = np.empty_like(start_images)
+        act_start = np.empty(n, np.float32)
+        act_end = np.empty(n, np.float32)
+        used: List[int] = []
+        pos = 0
+
+        def run(count: int, batch: int) -> int:
+            """Runs filters[pos:pos+count] padded to `batch`; returns how many were done."""
+            nonlocal pos
+            idx = filters[pos:pos + count]
+            imgs = start_images[pos:pos + count]
+            if count < batch:
+                pad = batch - count
+                idx = idx + [idx[-1]] * pad
+                imgs = np.concatenate([imgs, np.repeat(imgs[-1:], pad, axis=0)])
+            x, s, e = self.run_batch(imgs, idx)
+            images[pos:pos + count] = x[:count]
+            act_start[pos:pos + count] = s[:count]
+            act_end[pos:pos + count] = e[:count]
+            used.append(batch)
+            pos += count
+            return count
+
+        def run_adaptive(batch: int) -> int:
+            """Runs the next min(batch, left) filters, halving on OOM; returns the batch that worked."""
+            while True:
+                count, shape = self._next_call(min(batch, n - pos), batch)
+                try:
+                    run(count, shape)
+                    return batch
+                except Exception as exc:  # noqa: BLE001 - only OOM is retried
+                    if not is_oom(exc) or batch == 1:
+                        raise
+                    self._compiled.pop(batch, None)
+                    batch = max(1, batch // 2)
+
+        if batch_size is None and auto == "measure":
+            batch_size = self._measure(run, lambda: n - pos, max_batch)
+        elif batch_size is None:
+            batch_size = max_batch
+        batch_size = max(1, min(int(batch_size), max(n, 1)))
+        while pos < n:
+            batch_size = run_adaptive(batch_size)
+        return AscentResult(images, act_start, act_end, used, time.perf_counter() - t0)
+
+    def _next_call(self, count: int, batch: int) -> Tuple[int, int]:
+        """(filters to run, batch shape) for the next call when `count` filters remain in a batch.
+
+        A full batch runs as is. A tail runs on the largest already-compiled size that fits (no
+        padding, no new compile: on a CPU padded elements cost as much as real ones), else it is
+        padded up to the smallest compiled size that holds it, else to `batch`.
+        """
+        if count >= batch:
+            return batch, batch
+        fitting = [b for b in self._compiled if b <= count]
+        if fitting:
+            b = max(fitting)
+            return b, b
+        holding = [b for b in self._compiled if b >= count]
+        return count, min(holding) if holding else batch
+
+    def _measure(self, run, left: Callable[[], int], max_batch: int) -> int:
+        """Picks the batch size by timing real work (results are kept, nothing is thrown away).
+
+        Each candidate B (1, 4, 16, ... up to max_batch) runs twice on the next real filters: the
+        first call compiles, the second is timed. Stops when a candidate is not at least 10% faster
+        per filter than the best so far, or when too few filters are left. Reuses earlier timings
+        of this layer (a worker keeps its FilterAscent across units).
+        """
+        if self.timings:
+            return min(self.timings, key=self.timings.get)
+        best, best_t = 1, None
+        b = 1
+        while b <= max_batch and left() >= 2 * b:
+            run(b, b)  # compile + warm
+            t = time.perf_counter()
+            run(b, b)
+            per_filter = (time.perf_counter() - t) / b
+            self.timings[b] = per_filter
+            if best_t is None or per_filter < 0.9 * best_t:
+                best, best_t = b, per_filter
+            else:
+                break
+            b *= 4
+        return best
+
+
+def lecture_settings_hash(settings: dict) -> str:
+    """Stable short hash of the settings dict (used with the model fingerprint as cache key)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
