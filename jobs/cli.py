@@ -132,8 +132,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _UsageError as exc:
         return _fail(str(exc))
     from jobs.config import ConfigError
+    from workers.tf_runtime import import_tensorflow_quietly
 
     try:
+        import_tensorflow_quietly()
         if args.command == "run":
             from jobs.driver import run_explain
 

@@ -34,7 +34,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import pytest
 
@@ -54,6 +54,11 @@ _SLOWDOWN_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
     "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
     "<RequestId>{rid}</RequestId><HostId>{hid}</HostId></Error>"
+)
+_NOT_IMPLEMENTED_BODY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>NotImplemented</Code><Message>A header you provided implies functionality that "
+    "is not implemented</Message><Header>If-None-Match</Header><RequestId>{rid}</RequestId></Error>"
 )
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailer", "trailers", "transfer-encoding", "upgrade", "expect"}
@@ -167,12 +172,13 @@ class FaultyS3Proxy:
     - for a successful GET with a body: the headers and only the first half of the body, then a
       reset, when ``truncate_every`` divides n;
     every other request is forwarded unchanged to the upstream server (Host header included, so
-    SigV4 signatures stay valid). 0 turns a fault off. Counters: `requests`, `throttled`, `resets`,
+    SigV4 signatures stay valid). 0 turns a fault off. With ``reject_conditional_writes`` a PUT
+    carrying If-None-Match gets S3's 501 NotImplemented, like a store without conditional writes. Counters: `requests`, `throttled`, `resets`,
     `truncated`; `log` holds ``(method, path_and_query, fault)`` per request.
     """
 
     def __init__(self, upstream: str, throttle_every: int = 0, reset_every: int = 0,
-                 truncate_every: int = 0):
+                 truncate_every: int = 0, reject_conditional_writes: bool = False):
         scheme, _, hostport = upstream.partition("://")
         if scheme != "http":
             raise ValueError("FaultyS3Proxy forwards to http:// upstreams only")
@@ -181,6 +187,7 @@ class FaultyS3Proxy:
         self.throttle_every = throttle_every
         self.reset_every = reset_every
         self.truncate_every = truncate_every
+        self.reject_conditional_writes = reject_conditional_writes
         self.requests = self.throttled = self.resets = self.truncated = 0
         self.log: List[Tuple[str, str, Optional[str]]] = []
         self._lock = threading.Lock()
@@ -286,10 +293,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
 
-    def _slowdown(self):
+    def _error(self, status: int, reason: str, template: str):
         rid = uuid.uuid4().hex[:16].upper()
-        body = _SLOWDOWN_BODY.format(rid=rid, hid=uuid.uuid4().hex).encode()
-        self.send_response(503, "Slow Down")
+        body = template.format(rid=rid, hid=uuid.uuid4().hex).encode()
+        self.send_response(status, reason)
         self.send_header("Content-Type", "application/xml")
         self.send_header("x-amz-request-id", rid)
         if self.command == "HEAD":
@@ -299,6 +306,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+    def _slowdown(self):
+        self._error(503, "Slow Down", _SLOWDOWN_BODY)
 
     def _forward(self, body: bytes):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -323,6 +333,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return self._slowdown()
         if fault == "reset":
             return self._reset()
+        if (self.proxy.reject_conditional_writes and self.command == "PUT"
+                and "If-None-Match" in self.headers):
+            return self._error(501, "Not Implemented", _NOT_IMPLEMENTED_BODY)
         resp, data = self._forward(body)
         self.send_response(resp.status, resp.reason)
         for key, value in resp.getheaders():

@@ -18,24 +18,49 @@ from workers.models import LoadedModel, ModelError
 CAM_SCORES = ("logit", "probability")
 
 
-def _pre_activation_output(model):
-    """Returns a KerasTensor holding the model's output before its final softmax/sigmoid."""
+def _linear_clone(layer):
+    """A copy of `layer` with a linear activation (the caller's model is never mutated)."""
+    config = layer.get_config()
+    config["activation"] = "linear"
+    config["name"] = layer.name + "_logits"
+    linear = layer.__class__.from_config(config)
+    linear.build(layer.input.shape)
+    linear.set_weights(layer.get_weights())
+    return linear
+
+
+def _logits(last, x):
+    """The final layer's pre-activation output for its input `x` (softmax/sigmoid removed)."""
+    import keras
+
+    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
+        return x
+    act = getattr(last, "activation", None)
+    if act is None or getattr(act, "__name__", "") == "linear":
+        return last(x)
+    return _linear_clone(last)(x)
+
+
+def build_explain_graph(model, map_layers):
+    """A Keras model: input -> [outputs of `map_layers`..., pre-activation logits], one connected graph.
+
+    Sequential models are re-chained on a fresh Input: a Sequential loaded from a legacy .h5 can
+    hold several graph nodes per layer, and mixing `layer.output` of one node with the logits of
+    another gives tensors with no gradient path between them.
+    """
     import keras
 
     last = model.layers[-1]
-    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-        return last.input
-    act = getattr(last, "activation", None)
-    if act is None or getattr(act, "__name__", "") == "linear":
-        return model.outputs[0]
-    # Clone the last layer with a linear activation instead of mutating the caller's model.
-    config = last.get_config()
-    config["activation"] = "linear"
-    config["name"] = last.name + "_logits"
-    linear = last.__class__.from_config(config)
-    linear.build(last.input.shape)
-    linear.set_weights(last.get_weights())
-    return linear(last.input)
+    if isinstance(model, keras.Sequential):
+        x = inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
+        by_name = {}
+        for layer in model.layers[:-1]:
+            x = layer(x)
+            by_name[layer.name] = x
+        logits = _logits(last, x)
+        return keras.Model(inputs, [by_name[n] for n in map_layers] + [logits], name="explain_graph")
+    outputs = [model.get_layer(n).output for n in map_layers] + [_logits(last, last.input)]
+    return keras.Model(model.inputs, outputs, name="explain_graph")
 
 
 class ExplainStep:
@@ -91,8 +116,7 @@ class ExplainStep:
         # One graph with every tensor we need: target maps, summarized maps, logits.
         map_layers = list(dict.fromkeys([self.target_layer, *self.activation_layers]))
         self._act_index = [map_layers.index(n) for n in self.activation_layers]
-        outputs = [model.get_layer(n).output for n in map_layers] + [_pre_activation_output(model)]
-        self._graph = keras.Model(model.inputs, outputs, name="explain_graph")
+        self._graph = build_explain_graph(model, map_layers)
         self._map_layers = map_layers
         h, w = loaded.preprocessing.size
         spec = [

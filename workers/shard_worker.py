@@ -15,23 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-
-def configure_tensorflow(threads: Optional[int]) -> None:
-    """Sizes TF's thread pools to this worker's share of the cores and turns on GPU memory growth.
-
-    Ray sets OMP_NUM_THREADS from num_cpus, but TensorFlow's own pools ignore it and take every
-    core, so two CPU workers on two cores would oversubscribe. Must run before TF executes any op.
-    """
-    import tensorflow as tf
-
-    try:
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(threads))))
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError:
-        pass  # already initialized in this process (tests calling in-process): keep its settings
+from workers.tf_runtime import configure_tensorflow
 
 
 def resolve_cam_classes(labels, cam_class, class_names) -> np.ndarray:
