@@ -1,0 +1,230 @@
+"""The filters job: config and CLI validation, model loading without a classifier top, the worker
+in-process, and end to end (CLI on embedded Ray, random-weight VGG16, two layers) with resume."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import filters_job
+from jobs.filters_job import FiltersConfig, FiltersConfigError, FilterWorker, load_filters_model, run_filters
+from workers.models import ModelError, ModelSpec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    filters_job.add_arguments(parser)
+    return filters_job.config_from_args(parser.parse_args(argv))
+
+
+def test_config_from_args_defaults_and_layers(tmp_path):
+    config = _parse(["--model", "vgg16", "--weights", "random", "--output", str(tmp_path / "o"),
+                     "--layers", "block1_conv1, block2_conv1"])
+    assert config.layers == ("block1_conv1", "block2_conv1")
+    assert (config.steps, config.learning_rate, config.seed, config.size) == (30, 10.0, 0, None)
+    assert config.output == str(tmp_path / "o") and os.path.isabs(config.output)
+    assert _parse(["--model", "vgg16", "--output", str(tmp_path)]).layers is None  # --layers all
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "vgg16", "--steps", "0"], "steps must be an integer >= 1"),
+        (["--model", "vgg16", "--size", "8"], "size must be an integer >= 16"),
+        (["--model", "vgg16", "--learning-rate", "-1"], "learning rate must be a finite number > 0"),
+        (["--model", "vgg16", "--learning-rate", "nan"], "learning rate must be a finite number > 0"),
+        (["--model", "vgg16", "--batch-size", "0"], "batch size must be an integer >= 1"),
+        (["--model", "vgg16", "--layers", "all,block1_conv1"], "--layers all cannot be combined"),
+        (["--model", "vgg16", "--layers", ","], "--layers must be all or comma-separated"),
+        (["--model", "vgg16", "--weights", "/nonexistent/w.h5"], "--weights must be imagenet, random or an existing file"),
+        (["--model", "keras"], "--model keras needs --model-file"),
+        (["--model", "keras", "--model-file", "/nonexistent/m.keras"], "model file not found"),
+        (["--model", "cats_dogs"], "--model cats_dogs needs --model-file"),
+    ],
+)
+def test_bad_config_is_one_line_value_error(tmp_path, argv, message):
+    with pytest.raises(FiltersConfigError) as info:
+        _parse(argv + ["--output", str(tmp_path / "out")])
+    assert isinstance(info.value, ValueError)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_output_that_is_a_file_is_rejected(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(FiltersConfigError, match="not a folder"):
+        _parse(["--model", "vgg16", "--output", str(path)])
+
+
+def _conv_base_file(path, size=None):
+    """A size-agnostic conv base without a classifier top, saved as .keras."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input(shape=(size, size, 3))
+    x = layers.Conv2D(6, 3, activation="relu", name="first")(inputs)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(10, 3, activation="relu", name="second")(x)
+    keras.Model(inputs, x, name="conv_base").save(path)
+    return str(path)
+
+
+def test_conv_base_without_top_loads_and_worker_commits_a_unit(tmp_path):
+    model_file = _conv_base_file(tmp_path / "base.keras")
+    spec = ModelSpec(kind="keras", model_file=model_file)
+    loaded, size = load_filters_model(spec, 40)
+    assert size == 40 and len(loaded.model.outputs[0].shape) == 4  # no classifier: accepted
+    assert filters_job.resolve_layers(loaded.model, None) == ["first", "second"]
+    with pytest.raises(ModelError, match="no layer 'nope'"):
+        filters_job.resolve_layers(loaded.model, ["nope"])
+
+    config = FiltersConfig(output=str(tmp_path / "out"), model=spec, size=40, steps=4).validated()
+    settings = filters_job.worker_settings(config, 40, loaded.fingerprint())
+    worker = FilterWorker(settings)  # loads the model itself and checks the fingerprint
+    unit = {"id": filters_job.unit_id("second", 2, 7), "layer": "second", "start": 2, "stop": 7}
+    marker = worker.process(unit, "k1")
+    assert marker["rows"] == 5
+    layout = filters_job.FiltersLayout(config.output, worker.storage)
+    assert os.path.exists(layout.marker("k1", unit["id"]))
+    part = pq.read_table(layout.part("k1", unit["id"]))
+    assert part.column("filter_index").to_pylist() == [2, 3, 4, 5, 6]
+    for uri in part.column("image_uri").to_pylist():
+        assert os.path.exists(uri)
+    import cv2
+
+    img = cv2.imread(part.column("image_uri")[0].as_py())
+    crop = round(25 * 40 / 150)
+    assert img.shape == (40 - 2 * crop, 40 - 2 * crop, 3)
+
+    bad = dict(settings, fingerprint="0" * 64)
+    with pytest.raises(ModelError, match="different model"):
+        FilterWorker(bad)
+
+
+def test_fixed_input_model_rejects_other_size(tmp_path):
+    model_file = _conv_base_file(tmp_path / "fixed.keras", size=32)
+    spec = ModelSpec(kind="keras", model_file=model_file)
+    assert load_filters_model(spec, None)[1] == 32  # default size follows the model
+    with pytest.raises(ModelError, match="use --size 32"):
+        load_filters_model(spec, 48)
+
+
+def test_vgg16_conv_base_at_any_size():
+    loaded, size = load_filters_model(ModelSpec(kind="vgg16", weights="random"), 48)
+    assert size == 48 and loaded.model.input_shape == (None, 48, 48, 3)
+    assert len(filters_job.resolve_layers(loaded.model, None)) == 13
+    assert filters_job.layer_geometry(loaded.model, "block4_conv1", 48)["border_used"] == [2, 2]
+    assert filters_job.layer_geometry(loaded.model, "block5_conv1", 48)["border_used"] == [1, 1]
+    with pytest.raises(ModelError, match="cannot build VGG16 at 16 px"):
+        load_filters_model(ModelSpec(kind="vgg16", weights="random"), 16)
+
+
+LAYERS = ["block1_conv1", "block1_conv2"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One CLI run in a subprocess (its own embedded Ray): VGG16, random weights, 2 layers, 48 px."""
+    out = tmp_path_factory.mktemp("filters") / "vis"
+    cmd = [sys.executable, "-m", "jobs", "filters", "--model", "vgg16", "--weights", "random",
+           "--output", str(out), "--layers", ",".join(LAYERS), "--size", "48", "--steps", "4",
+           "--filters-per-unit", "32", "--weights-filters", "4", "--weights-channels", "5"]
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_cli_end_to_end_manifest_images_and_sheets(cli_run):
+    out, proc = cli_run
+    table = pq.read_table(out / "filters" / "manifest.parquet")
+    assert table.schema.metadata[b"bulk_explain.schema"] == b"filter_manifest"
+    for column in ("layer", "filter_index", "image_uri", "activation_start", "activation_end", "dead"):
+        assert column in table.column_names
+    rows = table.to_pylist()
+    assert len(rows) == 128
+    assert sorted((r["layer"], r["filter_index"]) for r in rows) == [(l, i) for l in LAYERS for i in range(64)]
+    for r in rows:
+        assert os.path.isabs(r["image_uri"]) and os.path.exists(r["image_uri"])
+        assert r["steps"] == 4 and r["size"] == 48 and r["seed"] == 0
+        assert r["dead"] == (r["activation_start"] == 0 and r["activation_end"] == 0)
+    assert len({r["model_fingerprint"] for r in rows}) == 1
+
+    import cv2
+
+    tile = 48 - 2 * 8
+    for layer in LAYERS:
+        sheet = cv2.imread(str(out / "filters" / "sheets" / f"{layer}.png"))
+        assert sheet.shape == (4 * tile + 3 * 5, 16 * tile + 15 * 5, 3)  # 64 filters, 16 a row
+    color = cv2.imread(str(out / "weights" / "block1_conv1_color.png"))
+    assert color is not None and len(os.listdir(out / "weights" / "block1_conv1")) == 64
+    gray = cv2.imread(str(out / "weights" / "block1_conv2_channels.png"), cv2.IMREAD_UNCHANGED)
+    assert gray.ndim == 2 and gray.shape == (4 * 24 + 3 * 2, 5 * 24 + 4 * 2)
+
+    summary = json.loads((out / "filters" / "summary.json").read_text())
+    assert summary["units"] == 4 and summary["computed_units"] == 4 and summary["skipped_units"] == 0
+    for layer in LAYERS:
+        s = summary["layers"][layer]
+        assert s["filters"] == 64 and 0.0 <= s["dead_share"] <= 1.0 and s["complete"]
+    job = json.loads((out / "filters" / "job.json").read_text())
+    assert job["resolved"]["size"] == 48 and job["settings"]["steps"] == 4
+    assert "as is" in job["ascent_input"]
+
+
+def test_second_run_skips_every_unit(cli_run):
+    out, _ = cli_run
+    before = pq.read_table(out / "filters" / "manifest.parquet")
+    mtimes = {p: os.path.getmtime(p) for p in before.column("image_uri").to_pylist()}
+    config = FiltersConfig(output=str(out), model=ModelSpec(kind="vgg16", weights="random"),
+                           layers=tuple(LAYERS), size=48, steps=4, filters_per_unit=32,
+                           weights_filters=4, weights_channels=5, progress=False)
+    import ray
+
+    was_running = ray.is_initialized()
+    result = run_filters(config)
+    assert ray.is_initialized() == was_running  # nothing to compute: Ray was not started
+    assert result.exit_code == 0
+    assert result.units == 4 and result.skipped_units == 4 and result.computed_units == 0
+    after = pq.read_table(out / "filters" / "manifest.parquet")
+    assert after.equals(before)
+    assert all(os.path.getmtime(p) == t for p, t in mtimes.items())
+
+
+def test_resume_recomputes_only_uncommitted_unit(cli_run, ray_local):
+    out, _ = cli_run
+    before = pq.read_table(out / "filters" / "manifest.parquet")
+    key = before.column("settings_key")[0].as_py()
+    layout_root = out / "filters"
+    unit = filters_job.unit_id("block1_conv2", 32, 64)
+    os.remove(layout_root / "_commits" / key / f"{unit}.json")
+    config = FiltersConfig(output=str(out), model=ModelSpec(kind="vgg16", weights="random"),
+                           layers=tuple(LAYERS), size=48, steps=4, filters_per_unit=32,
+                           weights_filters=4, weights_channels=5, progress=False)
+    result = run_filters(config)
+    assert result.computed_units == 1 and result.skipped_units == 3
+    after = pq.read_table(out / "filters" / "manifest.parquet")
+    assert after.num_rows == 128
+    # recomputed from the same seeded noise with the same model: the same activations
+    np.testing.assert_allclose(after.column("activation_end").to_numpy(),
+                               before.column("activation_end").to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_layer_fails_before_ray(tmp_path):
+    config = FiltersConfig(output=str(tmp_path / "o"), model=ModelSpec(kind="vgg16", weights="random"),
+                           layers=("block9_conv9",), size=32, progress=False)
+    import ray
+
+    was_running = ray.is_initialized()
+    with pytest.raises(ValueError, match="no layer 'block9_conv9'"):
+        run_filters(config)
+    assert ray.is_initialized() == was_running
