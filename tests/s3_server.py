@@ -13,8 +13,9 @@ Fixtures (register them in tests/conftest.py with ``from s3_server import *``):
 ``s3_bucket`` (function)
     A fresh, empty bucket; yields its name.
 ``s3_proxy`` (function)
-    A `FaultyS3Proxy` in front of the server that answers every 3rd request with a real 503
-    SlowDown; tune ``throttle_every`` / ``reset_every`` / ``truncate_every`` on it. It does not
+    A `FaultyS3Proxy` in front of the server that answers the first attempt of every 3rd distinct
+    request with a real 503 SlowDown; tune ``throttle_every`` / ``reset_every`` /
+    ``truncate_every`` on it (also settable while it runs). It does not
     touch the environment: point a client at ``s3_proxy.endpoint_url`` (e.g.
     ``S3Storage(endpoint_url=...)`` or ``--s3-endpoint-url``).
 
@@ -34,7 +35,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import pytest
 
@@ -166,15 +167,20 @@ def populate_bucket(client, bucket: str, objects: Mapping[str, bytes]) -> str:
 class FaultyS3Proxy:
     """A threaded HTTP reverse proxy on 127.0.0.1 that injects S3's failure modes.
 
-    Requests are numbered 1, 2, 3, ... in arrival order. Request n is answered with
-    - a 503 SlowDown (S3's own XML error body) when ``throttle_every`` divides n, else
-    - a TCP reset with no response when ``reset_every`` divides n, else
-    - for a successful GET with a body: the headers and only the first half of the body, then a
-      reset, when ``truncate_every`` divides n;
-    every other request is forwarded unchanged to the upstream server (Host header included, so
-    SigV4 signatures stay valid). 0 turns a fault off. With ``reject_conditional_writes`` a PUT
-    carrying If-None-Match gets S3's 501 NotImplemented, like a store without conditional writes. Counters: `requests`, `throttled`, `resets`,
-    `truncated`; `log` holds ``(method, path_and_query, fault)`` per request.
+    Distinct requests (method + path + query) are numbered 1, 2, 3, ... in order of first arrival.
+    Request n fails its first attempts, in this order, with
+    - a 503 SlowDown (S3's own XML error body) when ``throttle_every`` divides n,
+    - a TCP reset with no response when ``reset_every`` divides n,
+    - for a successful GET: the headers and only the first half of the body, then a reset, when
+      ``truncate_every`` divides n;
+    and the next attempt goes through. So every request meets at most three faults, and a test's
+    time is bounded by the client's backoff, not by luck (a global "every 3rd request" counter
+    makes long streaks on one request under concurrency, and exponential backoff then takes
+    minutes). Passing requests are forwarded unchanged (Host header included, so SigV4 signatures
+    stay valid). 0 turns a fault off. With ``reject_conditional_writes`` a PUT carrying
+    If-None-Match gets S3's 501 NotImplemented, like a store without conditional writes.
+    Counters: `requests` (attempts), `distinct`, `throttled`, `resets`, `truncated`; `log` holds
+    ``(method, path_and_query, fault)`` per attempt.
     """
 
     def __init__(self, upstream: str, throttle_every: int = 0, reset_every: int = 0,
@@ -188,7 +194,9 @@ class FaultyS3Proxy:
         self.reset_every = reset_every
         self.truncate_every = truncate_every
         self.reject_conditional_writes = reject_conditional_writes
-        self.requests = self.throttled = self.resets = self.truncated = 0
+        self.requests = self.distinct = self.throttled = self.resets = self.truncated = 0
+        self._attempts: Dict[Tuple[str, str], int] = {}
+        self._schedules: Dict[Tuple[str, str], List[str]] = {}
         self.log: List[Tuple[str, str, Optional[str]]] = []
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -234,18 +242,27 @@ class FaultyS3Proxy:
     def _decide(self, method: str, path: str) -> Tuple[int, Optional[str]]:
         with self._lock:
             self.requests += 1
-            n = self.requests
-            fault = None
-            if self.throttle_every and n % self.throttle_every == 0:
-                fault = "throttle"
+            attempt = self._attempts.get((method, path), 0)
+            self._attempts[(method, path)] = attempt + 1
+            if attempt == 0:
+                self.distinct += 1
+                n = self.distinct
+                schedule = []
+                if self.throttle_every and n % self.throttle_every == 0:
+                    schedule.append("throttle")
+                if self.reset_every and n % self.reset_every == 0:
+                    schedule.append("reset")
+                if self.truncate_every and method == "GET" and n % self.truncate_every == 0:
+                    schedule.append("truncate")
+                self._schedules[(method, path)] = schedule
+            schedule = self._schedules.get((method, path), [])
+            fault = schedule[attempt] if attempt < len(schedule) else None
+            if fault == "throttle":
                 self.throttled += 1
-            elif self.reset_every and n % self.reset_every == 0:
-                fault = "reset"
+            elif fault == "reset":
                 self.resets += 1
-            elif self.truncate_every and method == "GET" and n % self.truncate_every == 0:
-                fault = "truncate"  # counted when it actually truncates a body
             self.log.append((method, path, fault))
-            return n, fault
+            return attempt, fault
 
     def _count_truncated(self):
         with self._lock:
