@@ -40,6 +40,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow Lambda layers / custom code in model files (only for files you trust)")
     p.add_argument("--address", default=None, help="Ray: omit for embedded local Ray; auto or HOST:PORT for a cluster")
     p.add_argument("--workers", type=int, default=None, help="model actors (default: one per GPU, else per node)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs each worker reserves, even before an autoscaling cluster has GPU nodes")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph...)")
 
 
@@ -109,6 +111,7 @@ def explain_config_from_args(args) -> "ExplainConfig":
         shard_size=args.shard_size,
         address=args.address,
         workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
         top_k=args.top_k,
         cam_class=args.cam_class,
         cam_method=args.cam_method,
@@ -132,6 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _UsageError as exc:
         return _fail(str(exc))
     from jobs.config import ConfigError
+    from jobs.distribute import WorkerStartError
     from workers.tf_runtime import import_tensorflow_quietly
 
     try:
@@ -148,6 +152,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = filters_job.run_filters(config)
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
+    except WorkerStartError as exc:
+        print(f"bulk-explain: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bulk-explain: interrupted; committed shards are kept, re-run the same command to resume",
               file=sys.stderr)

@@ -34,6 +34,7 @@ class ExplainConfig:
         shard_size: images per shard, the unit of work and of commit.
         address: None for an embedded local Ray; "auto" or "HOST:PORT"/"ray://..." to join a cluster.
         workers: number of model actors; None = one per GPU, else one per node on CPU.
+        gpus_per_worker: GPUs each actor reserves even if the cluster has none yet (autoscaling).
         top_k: classes reported per image.
         cam_class: "pred" (explain the predicted class), "label" (the folder label's class) or an index.
         cam_method: "gradcam", "gradcam++" or "layercam".
@@ -56,6 +57,7 @@ class ExplainConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     address: Optional[str] = None
     workers: Optional[int] = None
+    gpus_per_worker: Optional[float] = None
     top_k: int = 5
     cam_class: Union[str, int] = "pred"
     cam_method: str = "gradcam"
@@ -131,6 +133,8 @@ class ExplainConfig:
                 raise ConfigError(f"{name} must be an integer >= {low}, received {value!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ConfigError(f"workers must be an integer >= 1, received {self.workers!r}")
+        if self.gpus_per_worker is not None and not (0 < self.gpus_per_worker <= 8):
+            raise ConfigError(f"gpus per worker must be within (0, 8], received {self.gpus_per_worker!r}")
         if not (1 <= self.overlay_quality <= 100):
             raise ConfigError(f"overlay quality must be 1..100, received {self.overlay_quality}")
         if not (0.0 <= self.max_error_rate <= 1.0):
@@ -180,7 +184,7 @@ class ExplainConfig:
     def result_fingerprint(self) -> str:
         """Hash of every setting that changes manifest rows; where/how fast it runs is excluded."""
         d = self.to_dict()
-        for key in ("inputs", "output", "address", "workers", "batch_size", "shard_size", "read_threads",
+        for key in ("inputs", "output", "address", "workers", "gpus_per_worker", "batch_size", "shard_size", "read_threads",
                     "write_threads", "overwrite", "max_error_rate", "max_shard_retries", "s3_endpoint_url"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

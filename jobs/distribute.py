@@ -55,7 +55,8 @@ def cluster_resources() -> Dict[str, Any]:
     }
 
 
-def plan_workers(requested: Optional[int], resources: Dict[str, Any]) -> Dict[str, Any]:
+def plan_workers(requested: Optional[int], resources: Dict[str, Any],
+                 gpus_per_worker: Optional[float] = None) -> Dict[str, Any]:
     """How many actors, and what each reserves.
 
     GPU cluster: one actor per GPU (num_gpus=1). CPU only: by default one actor per node using all
@@ -63,6 +64,10 @@ def plan_workers(requested: Optional[int], resources: Dict[str, Any]) -> Dict[st
     sized to each share (TF ignores OMP_NUM_THREADS).
     """
     gpus = int(resources["gpus"])
+    if gpus_per_worker:
+        # Asked for explicitly: on an autoscaling cluster the GPU nodes may not exist yet.
+        n = requested or max(1, int(gpus / gpus_per_worker))
+        return {"count": n, "num_gpus": gpus_per_worker, "num_cpus": 1, "tf_threads": None}
     if gpus > 0:
         n = requested or gpus
         cpus_each = max(1, int(resources["cpus"] // max(n, 1)))
@@ -75,8 +80,8 @@ def plan_workers(requested: Optional[int], resources: Dict[str, Any]) -> Dict[st
     return {"count": n, "num_gpus": 0, "num_cpus": cpus_each, "tf_threads": cpus_each}
 
 
-class UnitFailed(Exception):
-    pass
+class WorkerStartError(RuntimeError):
+    """No worker could load the model (the message is one line)."""
 
 
 class ActorPool:
@@ -100,11 +105,19 @@ class ActorPool:
     def _new_actor(self):
         return self._remote_cls.options(**self._options).remote(*self._args)
 
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        """Blocks until every actor has loaded its model; raises the first load error."""
+    def wait_ready(self) -> None:
+        """Blocks until every actor has loaded its model (on an autoscaling cluster this includes
+        waiting for nodes).
+
+        Raises:
+            WorkerStartError: an actor failed in its constructor.
+        """
         import ray
 
-        ray.get([a.ping.remote() for a in self.actors], timeout=timeout)
+        try:
+            ray.get([a.ping.remote() for a in self.actors])
+        except Exception as exc:
+            raise WorkerStartError(f"workers could not start: {_one_line(exc)}") from None
 
     def run(self, method: str, units: Sequence, on_done: Callable[[Any, Any], None],
             on_failed: Callable[[Any, str], None], max_retries: int = 2, extra_args: Sequence = ()) -> None:

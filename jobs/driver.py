@@ -255,7 +255,7 @@ def _run_shards(config, model_info, todo, markers, result, log) -> None:
     started = connect(config.address)
     pool = None
     try:
-        shape = plan_workers(config.workers, cluster_resources())
+        shape = plan_workers(config.workers, cluster_resources(), config.gpus_per_worker)
         count = min(shape["count"], len(todo)) if config.workers is None else shape["count"]
         settings = worker_settings(config, model_info["activation_layers"], model_info["target_layer"],
                                    shape["tf_threads"])
@@ -271,6 +271,7 @@ def _run_shards(config, model_info, todo, markers, result, log) -> None:
 
         log.message(f"starting {count} worker(s): {shape['num_cpus']} CPU, {shape['num_gpus']} GPU each")
         pool = ActorPool(ExplainWorker, (settings,), count, options)
+        pool.wait_ready()
 
         def done(task, marker):
             markers[task.shard] = marker

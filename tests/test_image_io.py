@@ -106,3 +106,4 @@ def test_channel_grid_shape_and_range():
     act = np.random.default_rng(0).random((5, 6, 20)).astype(np.float32)
     grid = image_io.channel_grid(act, images_per_row=16, margin=1)
     assert grid.dtype == np.uint8 and grid.shape == (2 * (5 + 1) - 1, 16 * (6 + 1) - 1)
+

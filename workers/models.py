@@ -305,20 +305,22 @@ def build_cats_dogs_convnet(size: int = 150):
     import keras
     from keras import layers
 
+    # Explicit names (the lecture's): Keras' auto-names depend on how many layers the process
+    # created before, and the driver and the workers must agree on layer names.
     return keras.Sequential(
         [
             keras.Input(shape=(size, size, 3)),
-            layers.Conv2D(32, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(64, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(128, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(128, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Flatten(),
-            layers.Dense(512, activation="relu"),
-            layers.Dense(1, activation="sigmoid"),
+            layers.Conv2D(32, 3, activation="relu", name="conv2d"),
+            layers.MaxPooling2D(2, name="max_pooling2d"),
+            layers.Conv2D(64, 3, activation="relu", name="conv2d_1"),
+            layers.MaxPooling2D(2, name="max_pooling2d_1"),
+            layers.Conv2D(128, 3, activation="relu", name="conv2d_2"),
+            layers.MaxPooling2D(2, name="max_pooling2d_2"),
+            layers.Conv2D(128, 3, activation="relu", name="conv2d_3"),
+            layers.MaxPooling2D(2, name="max_pooling2d_3"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(512, activation="relu", name="dense"),
+            layers.Dense(1, activation="sigmoid", name="dense_1"),
         ],
         name="cats_dogs_small",
     )

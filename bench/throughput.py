@@ -1,0 +1,167 @@
+"""Throughput of the explain job against the lecture's per-image procedure and the bare compute
+ceiling, on the same generated photo-like JPEGs, in one run (ratios are what matter: absolute
+times on shared machines are noise).
+
+    python bench/throughput.py --model vgg16 --images 128
+    python bench/throughput.py --model cats_dogs --images 512
+
+Prints images/s for:
+  lecture   the lecture's procedure, one image at a time: load_img + preprocess, model.predict,
+            the activation model's predict (activation summaries), Grad-CAM with a GradientTape,
+            cv2 heatmap overlay written as JPEG (as in the lecture) + heatmap PNG
+  ceiling   the compiled step on a pre-decoded batch (no decode, no encode, no I/O)
+  job       the whole job through the Python API (run_explain: embedded Ray, plan, decode,
+            compute, write, manifests), wall time including start-up, and in steady state
+            (images / time between the first and last shard commit... see below)
+and the ratios job/ceiling and job/lecture. Random weights: the work per image is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2
+import numpy as np
+
+
+def photo_like(rng, h, w):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        img[..., c] = 128 + 60 * np.sin(xx / rng.uniform(5, 40) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(5, 40))
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, min(h, w) / 3)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_images(folder, n, seed=0, size=(480, 640)):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        label = "cats" if i % 2 == 0 else "dogs"
+        os.makedirs(os.path.join(folder, label), exist_ok=True)
+        p = os.path.join(folder, label, f"img{i:05d}.jpg")
+        cv2.imwrite(p, cv2.cvtColor(photo_like(rng, *size), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(p)
+    return paths
+
+
+def lecture_procedure(loaded, paths, out_dir, target_layer, activation_layers):
+    """The lecture's code, one image at a time (Chollet ch. 5 / the lecture slides)."""
+    import keras
+    import tensorflow as tf
+
+    model = loaded.model
+    h, w = loaded.preprocessing.size
+    activation_model = keras.Model(model.inputs, [model.get_layer(n).output for n in activation_layers])
+    grad_model = keras.Model(model.inputs, [model.get_layer(target_layer).output, model.outputs[0]])
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, path in enumerate(paths):
+        img = keras.utils.load_img(path, target_size=(h, w))
+        x = np.expand_dims(keras.utils.img_to_array(img), 0)
+        x = np.asarray(loaded.preprocessing.scale_tensor(tf.constant(x)))
+        preds = model.predict(x, verbose=0)
+        activations = activation_model.predict(x, verbose=0)
+        _ = [(a.mean(), a.std(), a.max(), (a == 0).mean()) for a in activations]
+        with tf.GradientTape() as tape:
+            conv, out = grad_model(x)
+            idx = int(tf.argmax(out[0])) if out.shape[-1] > 1 else 0
+            channel = out[:, idx]
+        grads = tape.gradient(channel, conv)
+        pooled = tf.reduce_mean(grads, axis=(0, 1, 2)).numpy()
+        conv = conv.numpy()[0] * pooled
+        heatmap = np.maximum(np.mean(conv, axis=-1), 0)
+        heatmap /= max(np.max(heatmap), 1e-12)
+        original = cv2.imread(path)
+        heatmap = cv2.resize(heatmap, (original.shape[1], original.shape[0]))
+        heatmap = np.uint8(255 * heatmap)
+        superimposed = cv2.applyColorMap(heatmap, cv2.COLORMAP_JET) * 0.4 + original
+        cv2.imwrite(os.path.join(out_dir, f"{i}_cam.jpg"), superimposed)
+        cv2.imwrite(os.path.join(out_dir, f"{i}_heat.png"), heatmap)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def compute_ceiling(step, loaded, n_batches=4):
+    h, w = loaded.preprocessing.size
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 255, (step.batch_size, h, w, 3), dtype=np.uint8)
+    step(batch)  # trace
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        step(batch)
+    return n_batches * step.batch_size / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vgg16", choices=["vgg16", "cats_dogs"])
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--lecture-images", type=int, default=None, help="images for the slow lecture loop")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--shard-size", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--skip-lecture", action="store_true")
+    args = ap.parse_args()
+
+    from jobs import ExplainConfig, ModelSpec, run_explain
+    from workers.explain_step import ExplainStep
+    from workers.models import load_model
+    from workers.tf_runtime import configure_tensorflow
+
+    configure_tensorflow(os.cpu_count())
+    batch = args.batch_size or (16 if args.model == "vgg16" else 32)
+    shard = args.shard_size or (32 if args.model == "vgg16" else 128)
+    spec = ModelSpec(kind=args.model, weights="random")
+    tmp = tempfile.mkdtemp(prefix="bench-throughput-")
+    try:
+        paths = make_images(os.path.join(tmp, "in"), args.images)
+        loaded = load_model(spec)
+        step = ExplainStep(loaded, batch_size=batch)
+        print(f"model {args.model}, {args.images} JPEGs 640x480, batch {batch}, shard {shard}, "
+              f"{os.cpu_count()} CPUs", flush=True)
+        ceiling = compute_ceiling(step, loaded)
+        print(f"ceiling  {ceiling:8.2f} img/s  (compiled step, pre-decoded batch, no I/O)", flush=True)
+        lecture = None
+        if not args.skip_lecture:
+            n_lecture = args.lecture_images or min(len(paths), 16 if args.model == "vgg16" else 64)
+            lecture = lecture_procedure(loaded, paths[:n_lecture], os.path.join(tmp, "lecture"),
+                                        step.target_layer, step.activation_layers)
+            print(f"lecture  {lecture:8.2f} img/s  (per-image procedure, {n_lecture} images)", flush=True)
+        del loaded, step
+        config = ExplainConfig(inputs=(os.path.join(tmp, "in"),), output=os.path.join(tmp, "out"), model=spec,
+                               batch_size=batch, shard_size=shard, workers=args.workers)
+        t0 = time.perf_counter()
+        result = run_explain(config, progress=False)
+        wall = time.perf_counter() - t0
+        assert result.ok == args.images, result
+        markers = [json.load(open(os.path.join(tmp, "out", "_commits", f))) for f in
+                   sorted(os.listdir(os.path.join(tmp, "out", "_commits")))]
+        # Steady state: images of all shards but the first over the time between the first and
+        # the last commit (start-up, model load and trace excluded).
+        times = sorted(m["committed_at"] for m in markers)
+        first_rows = sorted(markers, key=lambda m: m["committed_at"])[0]["rows"]
+        steady = (args.images - first_rows) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+        job = args.images / wall
+        print(f"job      {job:8.2f} img/s  (end to end, {wall:.1f}s incl. Ray start and model loads)")
+        print(f"job      {steady:8.2f} img/s  (steady state, after the first shard)")
+        print(f"ratio job/ceiling        {job / ceiling:5.2f} end-to-end   {steady / ceiling:5.2f} steady")
+        if lecture:
+            print(f"ratio job/lecture        {job / lecture:5.2f} end-to-end   {steady / lecture:5.2f} steady")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
