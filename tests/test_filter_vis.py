@@ -253,3 +253,56 @@ def test_small_output_layer_keeps_a_pixel():
     starts = np.stack([start_noise(0, "c3", f, 16) for f in range(2)])
     result = ascent.ascend(range(2), starts, batch_size=2)
     assert np.isfinite(result.activation_end).all()
+
+
+# ---------------------------------------------------------------- filter-weight plots
+
+
+def test_color_filter_tiles_per_filter_minmax_nearest_and_bgr():
+    from workers.filter_weights import color_filter_tiles
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    kernel[..., 1] *= 100  # a filter on another scale still spans 0..255 on its own
+    tiles = color_filter_tiles(kernel, scale=5)
+    assert len(tiles) == 4 and all(t.shape == (15, 15, 3) and t.dtype == np.uint8 for t in tiles)
+    for i, tile in enumerate(tiles):
+        assert tile.min() == 0 and tile.max() == 255
+        small = tile[::5, ::5]
+        np.testing.assert_array_equal(tile, np.repeat(np.repeat(small, 5, 0), 5, 1))  # no smoothing
+        f = kernel[..., i]
+        expected = np.rint((f - f.min()) / (f.max() - f.min()) * 255)
+        np.testing.assert_array_equal(small, expected.astype(np.uint8))
+    bgr = color_filter_tiles(kernel, scale=5, input_order="BGR")
+    np.testing.assert_array_equal(bgr[0], tiles[0][:, :, ::-1])
+
+
+def test_channel_grid_is_the_lectures_gray_view():
+    from workers.filter_weights import channel_grid
+
+    rng = np.random.default_rng(1)
+    kernel = rng.normal(size=(3, 3, 8, 10)).astype(np.float32)
+    grid = channel_grid(kernel, n_filters=6, n_channels=3, scale=4, margin=2)
+    assert grid.shape == (6 * 12 + 5 * 2, 3 * 12 + 2 * 2) and grid.ndim == 2
+    unit = (kernel - kernel.min()) / (kernel.max() - kernel.min())  # the lecture: layer-wide min-max
+    for f in range(6):
+        for c in range(3):
+            tile = grid[f * 14:f * 14 + 12, c * 14:c * 14 + 12]
+            np.testing.assert_array_equal(tile[::4, ::4], np.rint(unit[:, :, c, f] * 255).astype(np.uint8))
+    assert (grid[12:14, :] == 255).all()  # margin
+
+
+def test_write_weight_plots_through_storage(tmp_path):
+    from workers.filter_weights import write_weight_plots
+    from workers.storage import storage_for
+
+    model = _small_convnet(24)
+    storage = storage_for(str(tmp_path))
+    records = write_weight_plots(model, ["c1", "p1", "c2"], storage, str(tmp_path / "weights"), 4, 5)
+    kinds = {(r["layer"], r["kind"]) for r in records}
+    assert kinds == {("c1", "channels"), ("c1", "color_sheet"), ("c1", "color"), ("c2", "channels")}
+    assert len(os.listdir(tmp_path / "weights" / "c1")) == 8
+    import cv2
+
+    c2 = cv2.imread(str(tmp_path / "weights" / "c2_channels.png"), cv2.IMREAD_UNCHANGED)
+    assert c2.shape == (4 * 24 + 3 * 2, 5 * 24 + 4 * 2)
