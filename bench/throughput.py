@@ -11,8 +11,8 @@ Prints images/s for:
             cv2 heatmap overlay written as JPEG (as in the lecture) + heatmap PNG
   ceiling   the compiled step on a pre-decoded batch (no decode, no encode, no I/O)
   job       the whole job through the Python API (run_explain: embedded Ray, plan, decode,
-            compute, write, manifests), wall time including start-up, and in steady state
-            (images / time between the first and last shard commit... see below)
+            compute, write, manifests): end-to-end wall time including start-up, and the marginal
+            rate from two runs (half the images, all of them) that cancels the start-up
 and the ratios job/ceiling and job/lecture. Random weights: the work per image is identical.
 """
 
@@ -140,25 +140,31 @@ def main():
                                         step.target_layer, step.activation_layers)
             print(f"lecture  {lecture:8.2f} img/s  (per-image procedure, {n_lecture} images)", flush=True)
         del loaded, step
-        config = ExplainConfig(inputs=(os.path.join(tmp, "in"),), output=os.path.join(tmp, "out"), model=spec,
-                               batch_size=batch, shard_size=shard, workers=args.workers)
-        t0 = time.perf_counter()
-        result = run_explain(config, progress=False)
-        wall = time.perf_counter() - t0
-        assert result.ok == args.images, result
-        markers = [json.load(open(os.path.join(tmp, "out", "_commits", f))) for f in
-                   sorted(os.listdir(os.path.join(tmp, "out", "_commits")))]
-        # Steady state: images of all shards but the first over the time between the first and
-        # the last commit (start-up, model load and trace excluded).
-        times = sorted(m["committed_at"] for m in markers)
-        first_rows = sorted(markers, key=lambda m: m["committed_at"])[0]["rows"]
-        steady = (args.images - first_rows) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
-        job = args.images / wall
-        print(f"job      {job:8.2f} img/s  (end to end, {wall:.1f}s incl. Ray start and model loads)")
-        print(f"job      {steady:8.2f} img/s  (steady state, after the first shard)")
-        print(f"ratio job/ceiling        {job / ceiling:5.2f} end-to-end   {steady / ceiling:5.2f} steady")
+        # Two runs, on half the images and on all of them, each with its own embedded Ray: the
+        # difference is the job's marginal rate with start-up (Ray, model loads, trace) cancelled.
+        half = os.path.join(tmp, "half")
+        os.makedirs(half)
+        for p in paths[: len(paths) // 2]:
+            dest = os.path.join(half, os.path.relpath(p, os.path.join(tmp, "in")))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.link(p, dest)
+        walls = {}
+        for name, folder, n in (("half", half, len(paths) // 2), ("all", os.path.join(tmp, "in"), len(paths))):
+            config = ExplainConfig(inputs=(folder,), output=os.path.join(tmp, "out-" + name), model=spec,
+                                   batch_size=batch, shard_size=shard, workers=args.workers)
+            t0 = time.perf_counter()
+            result = run_explain(config, progress=False)
+            walls[name] = time.perf_counter() - t0
+            assert result.ok == n and result.exit_code == 0, result
+        job = args.images / walls["all"]
+        marginal = (args.images - args.images // 2) / (walls["all"] - walls["half"])
+        print(f"job      {job:8.2f} img/s  (end to end, {walls['all']:.1f}s for {args.images} images, "
+              f"incl. Ray start and model loads)")
+        print(f"job      {marginal:8.2f} img/s  (marginal: {args.images - args.images // 2} more images cost "
+              f"{walls['all'] - walls['half']:.1f}s; start-up {walls['half'] - (args.images // 2) / marginal:.1f}s)")
+        print(f"ratio job/ceiling        {job / ceiling:5.2f} end-to-end   {marginal / ceiling:5.2f} marginal")
         if lecture:
-            print(f"ratio job/lecture        {job / lecture:5.2f} end-to-end   {steady / lecture:5.2f} steady")
+            print(f"ratio job/lecture        {job / lecture:5.2f} end-to-end   {marginal / lecture:5.2f} marginal")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
