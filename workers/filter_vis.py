@@ -42,6 +42,8 @@ import numpy as np
 LECTURE_SIZE = 150
 LECTURE_CROP = 25
 LECTURE_BORDER = 2
+# A larger batch is tried only if saving this share of the layer's time could pay for its compile.
+EXPECTED_BATCH_GAIN = 0.25
 
 
 # ---------------------------------------------------------------- start noise and deprocessing
@@ -343,19 +345,30 @@ class FilterAscent:
         """Picks the batch size by timing real work (results are kept, nothing is thrown away).
 
         Each candidate B (1, 4, 16, ... up to max_batch) runs twice on the next real filters: the
-        first call compiles, the second is timed. Stops when a candidate is not at least 10% faster
-        per filter than the best so far, or when too few filters are left. Reuses earlier timings
-        of this layer (a worker keeps its FilterAscent across units).
+        first call compiles, the second is timed. A larger candidate is tried only while
+        (a) enough filters are left in this call for two batches of it, and (b) it can pay for its
+        own compile: a quarter of the layer's filters x the best time per filter so far must exceed
+        the compile time just measured (on a cheap layer such as block1_conv1 another compile costs
+        more than any batch could save, and the job must never be slower than the one-filter
+        loop). Stops at the first candidate that is not 10% faster per filter than the best.
+        Reuses earlier timings of this layer (a worker keeps its FilterAscent across units).
         """
         if self.timings:
             return min(self.timings, key=self.timings.get)
         best, best_t = 1, None
+        compile_seconds = 0.0
         b = 1
         while b <= max_batch and left() >= 2 * b:
+            if best_t is not None and EXPECTED_BATCH_GAIN * best_t * self.num_filters <= compile_seconds:
+                break
+            t = time.perf_counter()
             run(b, b)  # compile + warm
+            first = time.perf_counter() - t
             t = time.perf_counter()
             run(b, b)
-            per_filter = (time.perf_counter() - t) / b
+            elapsed = time.perf_counter() - t
+            per_filter = elapsed / b
+            compile_seconds = max(0.0, first - elapsed)
             self.timings[b] = per_filter
             if best_t is None or per_filter < 0.9 * best_t:
                 best, best_t = b, per_filter
