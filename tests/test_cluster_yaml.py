@@ -117,3 +117,65 @@ def test_broken_configs_fail_validation(config, path, value):
     _set(broken, path, value)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, _schema())
+
+
+# -- what `ray job submit --working-dir .` uploads (docs/cluster.md) ---------------------------------
+
+DOCS = os.path.join(REPO, "docs", "cluster.md")
+KEEP = ["pyproject.toml", "cluster.yaml", "jobs/cli.py", "workers/storage_s3.py", "schemas/image_manifest.py"]
+DROP = ["models/cats_and_dogs_small_1.h5", "my model.keras", "out/manifest/shard-00000.parquet",
+        "data/pets/cats/cat 1.jpg", "sample_photos/coffee.png", "demo_out/overlays/00000/x.jpg",
+        ".git/config", ".venv/lib/site.py", "bulk_explain.egg-info/PKG-INFO"]
+
+
+def _docs_rayignore() -> str:
+    with open(DOCS) as f:
+        text = f.read()
+    block = text.split("<!-- rayignore:begin -->", 1)[1].split("<!-- rayignore:end -->", 1)[0]
+    return block.strip().removeprefix("```").removesuffix("```").strip() + "\n"
+
+
+def _docs_runtime_env_excludes():
+    with open(DOCS) as f:
+        text = f.read()
+    match = re.search(r"--runtime-env-json '(\{.*?\})'", text)
+    return json.loads(match.group(1))["excludes"]
+
+
+def _uploaded(tmp_path, rayignore=None, excludes=()):
+    """The files Ray's own working_dir packaging puts in the zip for a checkout like ours."""
+    from zipfile import ZipFile
+
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    tree = tmp_path / "checkout"
+    for rel in KEEP + DROP:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(b"x" * 100)
+    (tree / ".gitignore").write_text(open(os.path.join(REPO, ".gitignore")).read()
+                                     if os.path.exists(os.path.join(REPO, ".gitignore")) else "")
+    if rayignore is not None:
+        (tree / ".rayignore").write_text(rayignore)
+    target = tmp_path / "package.zip"
+    create_package(str(tree), target, include_gitignore=True,
+                   excludes=ray_constants.get_runtime_env_default_excludes() + list(excludes))
+    return {n for n in ZipFile(target).namelist() if not n.endswith("/")}
+
+
+def test_documented_rayignore_keeps_models_and_outputs_out_of_the_upload(tmp_path):
+    names = _uploaded(tmp_path, rayignore=_docs_rayignore())
+    assert set(KEEP) <= names
+    assert not names & set(DROP), sorted(names & set(DROP))
+
+
+def test_documented_runtime_env_excludes_do_the_same(tmp_path):
+    names = _uploaded(tmp_path, excludes=_docs_runtime_env_excludes())
+    assert set(KEEP) <= names
+    assert not names & set(DROP), sorted(names & set(DROP))
+
+
+def test_without_excludes_models_would_be_uploaded(tmp_path):
+    """The check above can fail: with no .rayignore the model and the data go up with the code."""
+    names = _uploaded(tmp_path)
+    assert {"models/cats_and_dogs_small_1.h5", "data/pets/cats/cat 1.jpg"} <= names

@@ -18,9 +18,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from s3_server import FaultyS3Proxy, populate_bucket, put_objects
+from s3_server import FaultyS3Proxy, populate_bucket
 from workers.storage import FileEntry, StorageError, storage_for
 from workers.storage_s3 import S3Storage, split_uri
+
+# The S3 fixtures (s3_endpoint, s3_client, s3_bucket, s3_proxy). tests/conftest.py should register
+# the same plugin first; naming it here too keeps this file runnable on its own.
+pytest_plugins = ["s3_server"]
 
 N_IMAGES = 5_000
 
