@@ -320,7 +320,7 @@ def load_filters_model(spec: ModelSpec, size: Optional[int]):
         if size is not None and size != hw[0]:
             raise ModelError(f"model {loaded.model.name!r} takes {hw[0]}x{hw[1]} input only: use --size {hw[0]}")
         size = hw[0]
-    return loaded, int(size or 150)
+    return loaded, int(size or spec.input_size or 150)
 
 
 def resolve_layers(model, layers: Optional[Sequence[str]]) -> List[str]:

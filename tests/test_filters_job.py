@@ -2,6 +2,7 @@
 in-process, and end to end (CLI on embedded Ray, random-weight VGG16, two layers) with resume."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 from jobs import filters_job
 from jobs.filters_job import FiltersConfig, FiltersConfigError, FilterWorker, load_filters_model, run_filters
 from workers.models import ModelError, ModelSpec
+
+pytest_plugins = ["s3_server"]  # the real S3 server fixtures (tests/s3_server.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,3 +231,32 @@ def test_unknown_layer_fails_before_ray(tmp_path):
     with pytest.raises(ValueError, match="no layer 'block9_conv9'"):
         run_filters(config)
     assert ray.is_initialized() == was_running
+
+
+def test_s3_output_end_to_end_and_skip(tmp_path, s3_endpoint, s3_client, s3_bucket, ray_local):
+    """Every write goes through the storage seam: the whole job against a real S3 server."""
+    import io
+
+    model_file = _conv_base_file(tmp_path / "base.keras")
+    out = f"s3://{s3_bucket}/vis"
+    config = FiltersConfig(output=out, model=ModelSpec(kind="keras", model_file=model_file), size=24,
+                           steps=3, filters_per_unit=4, weights_filters=3, weights_channels=3, progress=False)
+    result = run_filters(config)
+    assert result.exit_code == 0 and result.computed_units == 2 + 3  # 6 and 10 filters, 4 a unit
+    body = s3_client.get_object(Bucket=s3_bucket, Key="vis/filters/manifest.parquet")["Body"].read()
+    table = pq.read_table(io.BytesIO(body))
+    assert table.num_rows == 16
+    for uri in table.column("image_uri").to_pylist():
+        assert uri.startswith(f"s3://{s3_bucket}/vis/filters/")
+        s3_client.head_object(Bucket=s3_bucket, Key=uri.split("/", 3)[3])
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="vis/")["Contents"]}
+    for key in ("vis/filters/job.json", "vis/filters/summary.json", "vis/filters/sheets/first.png",
+                "vis/filters/sheets/second.png", "vis/weights/first_color.png", "vis/weights/second_channels.png"):
+        assert key in keys
+    again = run_filters(config)
+    assert again.computed_units == 0 and again.skipped_units == 5
+    # other settings: recomputed, and the old key's commits are gone
+    changed = run_filters(dataclasses.replace(config, steps=2))
+    assert changed.computed_units == 5 and changed.settings_key != result.settings_key
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="vis/filters/_commits/")["Contents"]}
+    assert keys and all(f"/_commits/{changed.settings_key}/" in k for k in keys)

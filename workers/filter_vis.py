@@ -242,7 +242,7 @@ class FilterAscent:
             tf.TensorSpec((batch, self.size, self.size, 3), tf.float32),
             tf.TensorSpec((batch,), tf.int32),
         )
-        fn = tf.function(ascend, input_signature=spec)
+        fn = tf.function(ascend, input_signature=spec, autograph=False)
         self._compiled[batch] = fn
         return fn
 
@@ -361,12 +361,18 @@ class FilterAscent:
         while b <= max_batch and left() >= 2 * b:
             if best_t is not None and EXPECTED_BATCH_GAIN * best_t * self.num_filters <= compile_seconds:
                 break
-            t = time.perf_counter()
-            run(b, b)  # compile + warm
-            first = time.perf_counter() - t
-            t = time.perf_counter()
-            run(b, b)
-            elapsed = time.perf_counter() - t
+            try:
+                t = time.perf_counter()
+                run(b, b)  # compile + warm
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+                run(b, b)
+                elapsed = time.perf_counter() - t
+            except Exception as exc:  # noqa: BLE001 - out of memory ends the search
+                if not is_oom(exc) or b == 1:
+                    raise
+                self._compiled.pop(b, None)
+                break
             per_filter = elapsed / b
             compile_seconds = max(0.0, first - elapsed)
             self.timings[b] = per_filter
