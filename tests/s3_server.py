@@ -1,13 +1,15 @@
 """A real S3 HTTP server on loopback for the tests, and a proxy that makes it misbehave like S3.
 
-Fixtures (register them in tests/conftest.py with ``from s3_server import *``):
+Fixtures; tests/conftest.py registers them with ``pytest_plugins = ["s3_server"]``:
 
 ``s3_endpoint`` (session)
     Starts moto's server mode (``moto.server.ThreadedMotoServer``) on 127.0.0.1 with a free port and
     points everything at it for the session: ``BULK_EXPLAIN_S3_ENDPOINT_URL`` and
     ``AWS_ENDPOINT_URL_S3`` (so the job, boto3 and subprocesses started by the tests, Ray workers
     included, inherit it), fake credentials, region ``us-east-1``, and no shared config files (a
-    developer's real ``~/.aws`` never takes part). Yields the endpoint URL.
+    developer's real ``~/.aws`` never takes part). Yields the endpoint URL. Request it before any
+    fixture that starts Ray in-process: Ray's worker processes inherit the environment of the
+    moment Ray starts, and credentials are deliberately not forwarded through runtime_env.
 ``s3_client`` (session)
     A plain boto3 S3 client on that endpoint, for arranging and checking objects.
 ``s3_bucket`` (function)
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import os
 import socket
 import struct
 import threading
