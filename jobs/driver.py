@@ -97,7 +97,7 @@ def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_t
         "cam_method": config.cam_method,
         "cam_score": config.cam_score,
         "target_layer": target_layer,
-        "activation_layers": list(activation_layers),
+        "activation_layers": list(activation_layers) if activation_layers is not None else None,
         "activation_grids": config.activation_grids,
         "overlay_quality": config.overlay_quality,
         "read_threads": config.read_threads,
@@ -154,7 +154,7 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
     heatmap and overlay; committed shards of a previous identical run are skipped.
 
     Args:
-        config: the job configuration (validated here).
+        config: the job configuration (validated here, before Ray starts).
         progress: print shard progress, images/s and ETA to stderr.
 
     Returns:
@@ -162,48 +162,26 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
 
     Raises:
         ConfigError: bad configuration or model (the CLI exits 2).
+        WorkerStartError: no worker could load the model (the CLI exits 1).
     """
     t0 = time.perf_counter()
     config = config.validated()
-    try:
-        model_info = inspect_model(config)
-    except (ModelError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
     layout = OutputLayout(config.output)
     storage = layout.storage
     fingerprint = config.result_fingerprint()
 
     previous = _read_json(storage, layout.job_json)
-    if previous and not config.overwrite:
-        same = (previous.get("result_fingerprint") == fingerprint
-                and previous.get("model", {}).get("fingerprint") == model_info["fingerprint"])
-        if not same:
-            raise ConfigError(
-                f"{config.output} holds results of a different configuration or model; "
-                "use a new --output or pass --overwrite to replace them"
-            )
-
-    existing = _existing_shard_files(layout)
-    if config.overwrite:
-        for uris in existing.values():
-            for uri in uris:
-                storage.delete(uri)
-        existing = {}
+    if previous and not config.overwrite and previous.get("result_fingerprint") != fingerprint:
+        raise ConfigError(_DIFFERENT_JOB.format(output=config.output))
 
     try:
         listing = list_inputs(config.inputs)
     except StorageError as exc:
         raise ConfigError(str(exc)) from None
     plan = make_plan(listing, config.shard_size)
-    write_plan(plan, layout.plan, config.shard_size)
     tasks = list(iter_shards(plan, config.shard_size))
 
-    # Shards beyond the new plan (inputs were removed) must not leave stale rows behind.
-    removed = [s for s in existing if s >= len(tasks)]
-    for shard in removed:
-        for uri in existing[shard]:
-            storage.delete(uri)
-
+    existing = {} if config.overwrite else _existing_shard_files(layout)
     markers: Dict[int, dict] = {}
     todo: List[ShardTask] = []
     for task in tasks:
@@ -213,26 +191,48 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
         else:
             todo.append(task)
 
-    job = {
-        "kind": "explain",
-        "config": config.to_dict(),
-        "result_fingerprint": fingerprint,
-        "model": model_info,
-        "versions": library_versions(),
-        "started_at": time.time(),
-        "images": plan.num_rows,
-        "shards": len(tasks),
-    }
-    storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
-
-    result = JobResult(output=config.output, images=plan.num_rows, shards=len(tasks),
-                       skipped_shards=len(markers), removed_shards=len(removed))
     log = Progress(total_shards=len(tasks), skipped=len(markers), enabled=progress,
                    images_todo=sum(len(t) for t in todo))
-    if markers:
-        log.message(f"{len(markers)} shards already committed, skipping them")
-    if todo:
-        _run_shards(config, model_info, todo, markers, result, log)
+    result = JobResult(output=config.output, images=plan.num_rows, shards=len(tasks),
+                       skipped_shards=len(markers))
+    with _Workers(config, needed=bool(todo), log=log) as workers:
+        # Workers load the model in their own processes while the driver loads it here to check
+        # it and fingerprint it: start-up is paid once, not twice in a row.
+        try:
+            model_info = inspect_model(config)
+        except (ModelError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        if previous and not config.overwrite and previous.get("model", {}).get("fingerprint") != model_info["fingerprint"]:
+            raise ConfigError(_DIFFERENT_JOB.format(output=config.output))
+
+        # Nothing is written to DST before this point: a refused job leaves it untouched.
+        if config.overwrite:
+            for uris in _existing_shard_files(layout).values():
+                for uri in uris:
+                    storage.delete(uri)
+        # Shards beyond the new plan (inputs were removed) must not leave stale rows behind.
+        removed = [s for s in existing if s >= len(tasks)]
+        for shard in removed:
+            for uri in existing[shard]:
+                storage.delete(uri)
+        result.removed_shards = len(removed)
+        write_plan(plan, layout.plan, config.shard_size)
+        job = {
+            "kind": "explain",
+            "config": config.to_dict(),
+            "result_fingerprint": fingerprint,
+            "model": model_info,
+            "versions": library_versions(),
+            "started_at": time.time(),
+            "images": plan.num_rows,
+            "shards": len(tasks),
+        }
+        storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
+
+        if markers:
+            log.message(f"{len(markers)} shards already committed, skipping them")
+        if todo:
+            workers.run(todo, markers, result)
     result.processed_shards = len(todo) - len(result.failed_shards)
     for marker in markers.values():
         result.ok += marker["ok"]
@@ -249,29 +249,46 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
     return result
 
 
-def _run_shards(config, model_info, todo, markers, result, log) -> None:
-    import ray
+_DIFFERENT_JOB = ("{output} holds results of a different configuration or model; "
+                  "use a new --output or pass --overwrite to replace them")
 
-    started = connect(config.address)
-    pool = None
-    try:
+
+class _Workers:
+    """Ray connection and actor pool for one job, started on enter only if there is work."""
+
+    def __init__(self, config: ExplainConfig, needed: bool, log: Progress):
+        self.config, self.needed, self.log = config, needed, log
+        self.pool = None
+        self.started = False
+
+    def __enter__(self):
+        if not self.needed:
+            return self
+        config = self.config
+        self.started = connect(config.address)
         shape = plan_workers(config.workers, cluster_resources(), config.gpus_per_worker)
-        count = min(shape["count"], len(todo)) if config.workers is None else shape["count"]
-        settings = worker_settings(config, model_info["activation_layers"], model_info["target_layer"],
-                                   shape["tf_threads"])
+        settings = worker_settings(config, config.activation_layers, config.target_layer, shape["tf_threads"])
         env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
         for var in ("BULK_EXPLAIN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             if os.environ.get(var):
                 env[var] = os.environ[var]
         options = {"num_cpus": shape["num_cpus"], "num_gpus": shape["num_gpus"],
                    "runtime_env": {"env_vars": env}}
-        if shape["num_gpus"] == 0 and count > 1:
+        if shape["num_gpus"] == 0 and shape["count"] > 1:
             options["scheduling_strategy"] = "SPREAD"
         from workers.shard_worker import ExplainWorker
 
-        log.message(f"starting {count} worker(s): {shape['num_cpus']} CPU, {shape['num_gpus']} GPU each")
-        pool = ActorPool(ExplainWorker, (settings,), count, options)
-        pool.wait_ready()
+        self.log.message(f"starting {shape['count']} worker(s): {shape['num_cpus']} CPU, {shape['num_gpus']} GPU each")
+        try:
+            self.pool = ActorPool(ExplainWorker, (settings,), shape["count"], options)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def run(self, todo: List[ShardTask], markers: Dict[int, dict], result: JobResult) -> None:
+        config, log = self.config, self.log
+        self.pool.wait_ready()
 
         def done(task, marker):
             markers[task.shard] = marker
@@ -282,10 +299,16 @@ def _run_shards(config, model_info, todo, markers, result, log) -> None:
             result.failure_reasons[task.shard] = reason
             log.message(f"shard {task.shard} failed after {config.max_shard_retries} retries: {reason}")
 
-        pool.run("process_shard", todo, done, failed, max_retries=config.max_shard_retries,
-                 extra_args=(config.result_fingerprint(),))
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if started:
+        self.pool.run("process_shard", todo, done, failed, max_retries=config.max_shard_retries,
+                      extra_args=(config.result_fingerprint(),))
+
+    def __exit__(self, *exc):
+        import ray
+
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        if self.started:
             ray.shutdown()
+            self.started = False
+        return False

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import cv2
 
+pytest_plugins = ["s3_server"]  # moto S3 server on loopback + fault-injecting proxy fixtures
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -90,7 +90,7 @@ def test_overlay_matches_lecture_formula():
     # lecture: superimposed = applyColorMap(uint8(255*h), JET) * 0.4 + cv2.imread(...) (BGR), clipped
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     expected = np.clip(cv2.applyColorMap(heat, cv2.COLORMAP_JET) * 0.4 + bgr, 0, 255)
-    got = image_io.overlay_bgr(rgb, heat)
+    got = image_io.overlay_bgr(bgr, heat)
     assert np.abs(got.astype(float) - expected).max() <= 1.0  # rounding vs truncation
 
 

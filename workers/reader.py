@@ -9,7 +9,9 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from workers.image_io import ImageDecodeError, decode_rgb, image_id
+import cv2
+
+from workers.image_io import ImageDecodeError, decode_bgr, image_id
 from workers.preprocessing import Preprocessing
 from workers.storage import storage_for
 
@@ -24,8 +26,8 @@ class DecodedImage:
     size: int
     version: str
     image_id: Optional[str] = None
-    rgb: Optional[np.ndarray] = None  # original size, display orientation
-    model_input: Optional[np.ndarray] = None  # resized to the model input size
+    bgr: Optional[np.ndarray] = None  # original size, display orientation, OpenCV channel order
+    model_input: Optional[np.ndarray] = None  # RGB, resized to the model input size
     error: Optional[str] = None
 
     @property
@@ -51,8 +53,10 @@ def read_one(position, uri, label, size, version, preprocessing: Preprocessing) 
         return item
     item.image_id = image_id(data)
     try:
-        item.rgb = decode_rgb(data)
-        item.model_input = preprocessing.resize(item.rgb)
+        item.bgr = decode_bgr(data)
+        # Resize first, then swap channels on the small image: the full-size image stays BGR for
+        # the overlay, so no full-size colour conversion happens at all.
+        item.model_input = cv2.cvtColor(preprocessing.resize(item.bgr), cv2.COLOR_BGR2RGB)
     except ImageDecodeError as exc:
         item.error = str(exc)
     except Exception as exc:

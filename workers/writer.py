@@ -24,8 +24,8 @@ def base_row(item: DecodedImage, shard: int) -> dict:
         "image_id": item.image_id,
         "status": "ok" if item.ok else "error",
         "error": item.error,
-        "width": int(item.rgb.shape[1]) if item.rgb is not None else None,
-        "height": int(item.rgb.shape[0]) if item.rgb is not None else None,
+        "width": int(item.bgr.shape[1]) if item.bgr is not None else None,
+        "height": int(item.bgr.shape[0]) if item.bgr is not None else None,
         "label": item.label,
         "top_k": [],
         "activations": [],
@@ -67,10 +67,10 @@ class ShardWriter:
         """
         row = base_row(item, self.shard)
         try:
-            h, w = item.rgb.shape[:2]
+            h, w = item.bgr.shape[:2]
             cam_full = image_io.upsample_cam(result["cam"], w, h)
             heat = image_io.heatmap_uint8(cam_full)
-            overlay = image_io.overlay_bgr(item.rgb, heat)
+            overlay = image_io.overlay_bgr(item.bgr, heat)
             heat_uri = self.layout.heatmap(self.shard, item.position, item.image_id)
             overlay_uri = self.layout.overlay(self.shard, item.position, item.image_id)
             self.storage.write_bytes(heat_uri, image_io.encode_png(heat))
