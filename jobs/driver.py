@@ -195,16 +195,16 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
                    images_todo=sum(len(t) for t in todo))
     result = JobResult(output=config.output, images=plan.num_rows, shards=len(tasks),
                        skipped_shards=len(markers))
-    with _Workers(config, needed=bool(todo), log=log) as workers:
-        # Workers load the model in their own processes while the driver loads it here to check
-        # it and fingerprint it: start-up is paid once, not twice in a row.
-        try:
-            model_info = inspect_model(config)
-        except (ModelError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
-        if previous and not config.overwrite and previous.get("model", {}).get("fingerprint") != model_info["fingerprint"]:
-            raise ConfigError(_DIFFERENT_JOB.format(output=config.output))
+    # The model is checked (and fingerprinted) here, before Ray starts, so a bad model is a one-line
+    # exit-2 error and not N failing actors. It costs one extra model load in the driver.
+    try:
+        model_info = inspect_model(config)
+    except (ModelError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if previous and not config.overwrite and previous.get("model", {}).get("fingerprint") != model_info["fingerprint"]:
+        raise ConfigError(_DIFFERENT_JOB.format(output=config.output))
 
+    with _Workers(config, needed=bool(todo), log=log) as workers:
         # Nothing is written to DST before this point: a refused job leaves it untouched.
         if config.overwrite:
             for uris in _existing_shard_files(layout).values():
