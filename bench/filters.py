@@ -11,11 +11,13 @@ Per layer it prints:
   loop s/filter      the lecture's procedure as written: `gradient_ascent_step` is a tf.function
                      called 30 times from Python with a Python int filter index, so every new
                      filter retraces it (that retrace is part of the lecture's cost and is included).
+                     Minimum over --rounds filters, interleaved with the job's timings.
   job s/filter       `FilterAscent.ascend` as a worker runs its first unit of the layer: a fresh
                      compile, the batch-size measurement (which computes real filters) and the rest
                      of the filters, all included, divided by the filters done.
-  steady s/filter    the chosen batch's measured time per filter: what every further filter of the
-                     layer costs once the worker has compiled and measured.
+  steady s/filter    one compiled call at the chosen batch, per filter (minimum over --rounds calls,
+                     interleaved with the loop): what every further filter of the layer costs once
+                     the worker has compiled and measured.
   ratio              loop / steady (and loop / job in brackets).
 Then the projected total for every filter of every selected layer: loop = filters x loop s/filter;
 job = first-unit time + remaining filters x steady s/filter (one worker, this machine).
@@ -35,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 
-def lecture_loop_seconds(model, layer_name, filters, size, steps, lr):
-    """Seconds per filter of the lecture's generate_filter_pattern, one filter at a time."""
+def lecture_generator(model, layer_name, size, steps, lr):
+    """The lecture's generate_filter_pattern for one layer, as written (a Python loop of steps)."""
     import keras
     import tensorflow as tf
 
@@ -63,11 +65,13 @@ def lecture_loop_seconds(model, layer_name, filters, size, steps, lr):
             image = gradient_ascent_step(image, filter_index, lr)
         return image[0].numpy()
 
-    generate_filter_pattern(filters[0])  # first trace of the process, not counted
+    return generate_filter_pattern
+
+
+def timed(fn, *args):
     t = time.perf_counter()
-    for f in filters[1:]:
-        generate_filter_pattern(f)
-    return (time.perf_counter() - t) / max(1, len(filters) - 1)
+    fn(*args)
+    return time.perf_counter() - t
 
 
 def main(argv=None):
@@ -76,8 +80,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--learning-rate", type=float, default=10.0)
     parser.add_argument("--layers", default="all", help="all or comma-separated VGG16 conv layers")
-    parser.add_argument("--loop-filters", type=int, default=3, help="filters timed in the loop (first untimed)")
-    parser.add_argument("--batched-filters", type=int, default=24, help="filters in the job's first unit")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved loop/job timings per layer (min taken)")
+    parser.add_argument("--batched-filters", type=int, default=10, help="filters in the job's first unit")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=None, help="fixed batch instead of measuring")
     args = parser.parse_args(argv)
@@ -85,6 +89,7 @@ def main(argv=None):
     from workers.tf_runtime import import_tensorflow_quietly
 
     tf = import_tensorflow_quietly()
+    tf.get_logger().setLevel("ERROR")  # the lecture loop retraces per filter by design: no warnings
     import keras
 
     from workers.filter_vis import FilterAscent, start_noise
@@ -103,8 +108,8 @@ def main(argv=None):
     rows = []
     for layer in layers:
         n_filters = int(model.get_layer(layer).output.shape[-1])
-        loop = lecture_loop_seconds(model, layer, list(range(args.loop_filters)), args.size, args.steps,
-                                    args.learning_rate)
+        generate = lecture_generator(model, layer, args.size, args.steps, args.learning_rate)
+        generate(n_filters - 1)  # the process's first trace, not counted
         ascent = FilterAscent(model, layer, args.size, steps=args.steps, learning_rate=args.learning_rate)
         n = min(args.batched_filters, n_filters)
         starts = np.stack([start_noise(0, layer, f, args.size) for f in range(n)])
@@ -113,16 +118,16 @@ def main(argv=None):
                                max_batch=args.max_batch)
         first_unit = time.perf_counter() - t
         job = first_unit / n
-        if ascent.timings:
-            chosen = min(ascent.timings, key=ascent.timings.get)
-            steady = ascent.timings[chosen]
-        else:  # fixed batch: time one more call at that batch
-            chosen = result.batch_sizes[0]
-            idx = list(range(chosen))
-            imgs = np.stack([start_noise(1, layer, f, args.size) for f in idx])
-            t = time.perf_counter()
-            ascent.run_batch(imgs, idx)
-            steady = (time.perf_counter() - t) / chosen
+        chosen = ascent.chosen_batch or result.batch_sizes[0]
+        # Interleave the loop and the job's steady state so the machine's other load hits both:
+        # each round one new filter through the lecture loop, one compiled call at the chosen batch.
+        loop_times, job_times = [], []
+        for r in range(args.rounds):
+            loop_times.append(timed(generate, 1 + r))
+            idx = [(n + r * chosen + k) % n_filters for k in range(chosen)]
+            imgs = np.stack([start_noise(0, layer, f, args.size) for f in idx])
+            job_times.append(timed(ascent.run_batch, imgs, idx) / chosen)
+        loop, steady = min(loop_times), min(job_times)
         projected_job = first_unit + (n_filters - n) * steady
         total_loop += n_filters * loop
         total_job += projected_job

@@ -306,3 +306,18 @@ def test_write_weight_plots_through_storage(tmp_path):
 
     c2 = cv2.imread(str(tmp_path / "weights" / "c2_channels.png"), cv2.IMREAD_UNCHANGED)
     assert c2.shape == (4 * 24 + 3 * 2, 5 * 24 + 4 * 2)
+
+
+def test_measured_choice_is_kept_for_later_calls():
+    size = 24
+    model = _small_convnet(size)
+    ascent = FilterAscent(model, "c1", size, steps=2)
+    starts = np.stack([start_noise(0, "c1", f, size) for f in range(10)])
+    ascent.ascend(range(10), starts, batch_size=None, auto="measure", max_batch=4)
+    chosen = ascent.chosen_batch
+    assert chosen in ascent.timings
+    # a faster-looking entry that did not pass the 10% rule must not change later decisions
+    ascent.timings = {b: (0.0 if b != chosen else 1.0) for b in (1, 4)}
+    again = ascent.ascend(range(8), starts[:8], batch_size=None, auto="measure", max_batch=4)
+    assert set(again.batch_sizes) <= {chosen} | set(ascent.compiled_sizes())
+    assert again.batch_sizes[0] == chosen

@@ -202,6 +202,7 @@ class FilterAscent:
         self.border_used = (min(border, (int(oh) - 1) // 2), min(border, (int(ow) - 1) // 2))
         self._compiled: Dict[int, Callable] = {}
         self.timings: Dict[int, float] = {}  # batch size -> measured seconds per filter
+        self.chosen_batch: Optional[int] = None  # the measured choice, reused by later calls
 
     # -------------------------------------------------------------- compiled step
 
@@ -351,10 +352,11 @@ class FilterAscent:
         the compile time just measured (on a cheap layer such as block1_conv1 another compile costs
         more than any batch could save, and the job must never be slower than the one-filter
         loop). Stops at the first candidate that is not 10% faster per filter than the best.
-        Reuses earlier timings of this layer (a worker keeps its FilterAscent across units).
+        The choice is kept for this layer's later calls (a worker keeps its FilterAscent across
+        units); with fewer than 2 filters to measure on, B=1 is used and nothing is kept.
         """
-        if self.timings:
-            return min(self.timings, key=self.timings.get)
+        if self.chosen_batch is not None:
+            return self.chosen_batch
         best, best_t = 1, None
         compile_seconds = 0.0
         b = 1
@@ -381,6 +383,8 @@ class FilterAscent:
             else:
                 break
             b *= 4
+        if self.timings:  # a decision was measured: keep it for this layer's next units
+            self.chosen_batch = best
         return best
 
 
