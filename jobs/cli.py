@@ -139,16 +139,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from workers.tf_runtime import import_tensorflow_quietly
 
     try:
-        import_tensorflow_quietly()
+        # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
         if args.command == "run":
             from jobs.driver import run_explain
 
             config = explain_config_from_args(args).validated()
+            import_tensorflow_quietly()
             result = run_explain(config, progress=not args.quiet)
         else:
             from jobs import filters_job
 
             config = filters_job.config_from_args(args)
+            import_tensorflow_quietly()
             result = filters_job.run_filters(config)
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
