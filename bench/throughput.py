@@ -19,7 +19,6 @@ and the ratios job/ceiling and job/lecture. Random weights: the work per image i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -72,7 +71,7 @@ def lecture_procedure(loaded, paths, out_dir, target_layer, activation_layers):
         img = keras.utils.load_img(path, target_size=(h, w))
         x = np.expand_dims(keras.utils.img_to_array(img), 0)
         x = np.asarray(loaded.preprocessing.scale_tensor(tf.constant(x)))
-        preds = model.predict(x, verbose=0)
+        model.predict(x, verbose=0)  # the lecture prints decode_predictions(preds)
         activations = activation_model.predict(x, verbose=0)
         _ = [(a.mean(), a.std(), a.max(), (a == 0).mean()) for a in activations]
         with tf.GradientTape() as tape:

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def explain_config_from_args(args) -> "ExplainConfig":
+def explain_config_from_args(args):
     from jobs.config import ExplainConfig
     from workers.models import ModelSpec
 

@@ -89,7 +89,6 @@ class ExplainStep:
         cam_score: str = "logit",
         top_k: int = 5,
     ):
-        import keras
         import tensorflow as tf
 
         if cam_score not in CAM_SCORES:

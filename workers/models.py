@@ -152,7 +152,7 @@ def load_model_file(path: str, safe_mode: bool = True):
     """
     import keras
 
-    from workers.storage import storage_for, scheme_of
+    from workers.storage import scheme_of
 
     if scheme_of(path) != "file":
         # Keras loads from a local path; fetch remote model files once into a local cache.
