@@ -311,8 +311,8 @@ def test_write_weight_plots_through_storage(tmp_path):
 def test_measured_choice_is_kept_for_later_calls():
     size = 24
     model = _small_convnet(size)
-    ascent = FilterAscent(model, "c1", size, steps=2)
-    starts = np.stack([start_noise(0, "c1", f, size) for f in range(10)])
+    ascent = FilterAscent(model, "c2", size, steps=2)
+    starts = np.stack([start_noise(0, "c2", f, size) for f in range(10)])
     ascent.ascend(range(10), starts, batch_size=None, auto="measure", max_batch=4)
     chosen = ascent.chosen_batch
     assert chosen in ascent.timings
@@ -321,3 +321,10 @@ def test_measured_choice_is_kept_for_later_calls():
     again = ascent.ascend(range(8), starts[:8], batch_size=None, auto="measure", max_batch=4)
     assert set(again.batch_sizes) <= {chosen} | set(ascent.compiled_sizes())
     assert again.batch_sizes[0] == chosen
+
+
+def test_filter_index_out_of_range_is_a_clear_error():
+    model = _small_convnet(24)
+    ascent = FilterAscent(model, "c1", 24, steps=1)
+    with pytest.raises(ValueError, match="filter index 8 out of range"):
+        ascent.ascend([7, 8], np.stack([start_noise(0, "c1", f, 24) for f in (7, 8)]), batch_size=2)

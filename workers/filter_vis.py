@@ -278,6 +278,9 @@ class FilterAscent:
         t0 = time.perf_counter()
         filters = [int(i) for i in filter_indices]
         n = len(filters)
+        for f in filters:
+            if not 0 <= f < self.num_filters:
+                raise ValueError(f"filter index {f} out of range: layer {self.layer_name!r} has {self.num_filters} filters")
         start_images = np.asarray(start_images, np.float32)
         if start_images.shape != (n, self.size, self.size, 3):
             raise ValueError(f"start images shape {start_images.shape}, expected {(n, self.size, self.size, 3)}")
