@@ -135,8 +135,9 @@ def main(argv=None):
         print(f"{layer:<14}{n_filters:>8}{loop:>10.3f}{job:>10.3f}{steady:>12.3f}{chosen:>7}"
               f"{loop / steady:>8.2f}{loop / job:>8.2f}", flush=True)
         if ascent.timings:
-            print(f"{'':<14}measured s/filter by batch: "
-                  + ", ".join(f"B={b}: {s:.3f}" for b, s in sorted(ascent.timings.items())), flush=True)
+            print(f"{'':<14}measured s/filter by (batch, steps per call): "
+                  + ", ".join(f"B={b},k={k}: {s:.3f}" for (b, k), s in sorted(ascent.timings.items()))
+                  + f"; chosen B={chosen}, k={ascent.steps_per_call}", flush=True)
     n_all = sum(r[1] for r in rows)
     print(f"projected for {n_all} filters ({len(rows)} layers), one worker on this machine: "
           f"loop {total_loop / 60:.1f} min, batched job {total_job / 60:.1f} min, "

@@ -141,10 +141,10 @@ def test_batch_halves_on_out_of_memory(monkeypatch):
     ascent = FilterAscent(model, "c1", size, steps=2)
     real = ascent.run_batch
 
-    def limited(images, filter_indices):
+    def limited(images, filter_indices, steps_per_call=None):
         if len(filter_indices) > 2:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
-        return real(images, filter_indices)
+        return real(images, filter_indices, steps_per_call)
 
     monkeypatch.setattr(ascent, "run_batch", limited)
     starts = np.stack([start_noise(0, "c1", f, size) for f in range(8)])
@@ -160,7 +160,7 @@ def test_measured_batch_choice_keeps_every_result():
     ascent = FilterAscent(model, "c2", size, steps=3)
     starts = np.stack([start_noise(0, "c2", f, size) for f in range(12)])
     result = ascent.ascend(range(12), starts, batch_size=None, auto="measure", max_batch=4)
-    assert 1 in ascent.timings
+    assert (1, 1) in ascent.timings and ascent.chosen_batch is not None
     assert sum(min(b, 12) for b in result.batch_sizes) >= 12
     reference = FilterAscent(model, "c2", size, steps=3).ascend(range(12), starts, batch_size=1)
     np.testing.assert_allclose(result.activation_end, reference.activation_end, rtol=1e-4, atol=1e-6)
@@ -315,9 +315,9 @@ def test_measured_choice_is_kept_for_later_calls():
     starts = np.stack([start_noise(0, "c2", f, size) for f in range(10)])
     ascent.ascend(range(10), starts, batch_size=None, auto="measure", max_batch=4)
     chosen = ascent.chosen_batch
-    assert chosen in ascent.timings
+    assert (chosen, ascent.steps_per_call) in ascent.timings
     # a faster-looking entry that did not pass the 10% rule must not change later decisions
-    ascent.timings = {b: (0.0 if b != chosen else 1.0) for b in (1, 4)}
+    ascent.timings = {(b, 1): (0.0 if b != chosen else 1.0) for b in (1, 4)}
     again = ascent.ascend(range(8), starts[:8], batch_size=None, auto="measure", max_batch=4)
     assert set(again.batch_sizes) <= {chosen} | set(ascent.compiled_sizes())
     assert again.batch_sizes[0] == chosen
@@ -328,3 +328,18 @@ def test_filter_index_out_of_range_is_a_clear_error():
     ascent = FilterAscent(model, "c1", 24, steps=1)
     with pytest.raises(ValueError, match="filter index 8 out of range"):
         ascent.ascend([7, 8], np.stack([start_noise(0, "c1", f, 24) for f in (7, 8)]), batch_size=2)
+
+
+def test_one_step_per_call_equals_all_steps_in_one_call():
+    size = 24
+    model = _small_convnet(size)
+    ascent = FilterAscent(model, "c2", size, steps=6)
+    idx = [0, 3, 5]
+    starts = np.stack([start_noise(2, "c2", f, size) for f in idx])
+    whole = ascent.run_batch(starts, idx)
+    for k in (1, 2, 3):
+        split = ascent.run_batch(starts, idx, steps_per_call=k)
+        for a, b in zip(whole, split):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"):
+        ascent.run_batch(starts, idx, steps_per_call=4)

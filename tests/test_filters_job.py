@@ -18,8 +18,6 @@ from jobs import filters_job
 from jobs.filters_job import FiltersConfig, FiltersConfigError, FilterWorker, load_filters_model, run_filters
 from workers.models import ModelError, ModelSpec
 
-pytest_plugins = ["s3_server"]  # the real S3 server fixtures (tests/s3_server.py)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -233,30 +231,47 @@ def test_unknown_layer_fails_before_ray(tmp_path):
     assert ray.is_initialized() == was_running
 
 
-def test_s3_output_end_to_end_and_skip(tmp_path, s3_endpoint, s3_client, s3_bucket, ray_local):
-    """Every write goes through the storage seam: the whole job against a real S3 server."""
+def _cli(args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "jobs", "filters", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s3_bucket):
+    """Every write goes through the storage seam: the whole job against a real S3 server. The CLI
+    runs in a subprocess (its own Ray, whose workers get the endpoint and the credentials from the
+    environment as on a real machine)."""
     import io
 
     model_file = _conv_base_file(tmp_path / "base.keras")
     out = f"s3://{s3_bucket}/vis"
-    config = FiltersConfig(output=out, model=ModelSpec(kind="keras", model_file=model_file), size=24,
-                           steps=3, filters_per_unit=4, weights_filters=3, weights_channels=3, progress=False)
-    result = run_filters(config)
-    assert result.exit_code == 0 and result.computed_units == 2 + 3  # 6 and 10 filters, 4 a unit
+    args = ["--model", "keras", "--model-file", model_file, "--output", out, "--size", "24",
+            "--filters-per-unit", "4", "--weights-filters", "3", "--weights-channels", "3",
+            "--s3-endpoint-url", s3_endpoint, "--quiet"]
+    first = _cli(args + ["--steps", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _cli(args + ["--steps", "3"])  # other settings: recomputed, old commits removed
+    assert second.returncode == 0, second.stderr[-3000:]
+
     body = s3_client.get_object(Bucket=s3_bucket, Key="vis/filters/manifest.parquet")["Body"].read()
     table = pq.read_table(io.BytesIO(body))
-    assert table.num_rows == 16
+    assert table.num_rows == 16 and set(table.column("steps").to_pylist()) == {3}
+    key = table.column("settings_key")[0].as_py()
     for uri in table.column("image_uri").to_pylist():
         assert uri.startswith(f"s3://{s3_bucket}/vis/filters/")
         s3_client.head_object(Bucket=s3_bucket, Key=uri.split("/", 3)[3])
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="vis/")["Contents"]}
-    for key in ("vis/filters/job.json", "vis/filters/summary.json", "vis/filters/sheets/first.png",
-                "vis/filters/sheets/second.png", "vis/weights/first_color.png", "vis/weights/second_channels.png"):
-        assert key in keys
-    again = run_filters(config)
-    assert again.computed_units == 0 and again.skipped_units == 5
-    # other settings: recomputed, and the old key's commits are gone
-    changed = run_filters(dataclasses.replace(config, steps=2))
-    assert changed.computed_units == 5 and changed.settings_key != result.settings_key
-    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="vis/filters/_commits/")["Contents"]}
-    assert keys and all(f"/_commits/{changed.settings_key}/" in k for k in keys)
+    for name in ("vis/filters/job.json", "vis/filters/summary.json", "vis/filters/sheets/first.png",
+                 "vis/filters/sheets/second.png", "vis/weights/first_color.png", "vis/weights/second_channels.png"):
+        assert name in keys
+    commits = [k for k in keys if "/_commits/" in k or "/_parts/" in k]
+    assert commits and all(f"/{key}/" in k for k in commits)
+    summary = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="vis/filters/summary.json")["Body"].read())
+    assert summary["computed_units"] == 5 and summary["settings"]["steps"] == 3
+
+    config = FiltersConfig(output=out, model=ModelSpec(kind="keras", model_file=model_file), size=24, steps=3,
+                           filters_per_unit=4, weights_filters=3, weights_channels=3, progress=False,
+                           s3_endpoint_url=s3_endpoint)
+    again = run_filters(config)  # in-process: everything committed, so no Ray is needed
+    assert again.computed_units == 0 and again.skipped_units == 5 and again.settings_key == key

@@ -200,8 +200,11 @@ class FilterAscent:
         self.output_hw = (int(oh), int(ow))
         # The lecture cuts 2 px per side; keep at least one pixel where the map is smaller than 5 px.
         self.border_used = (min(border, (int(oh) - 1) // 2), min(border, (int(ow) - 1) // 2))
-        self._compiled: Dict[int, Callable] = {}
-        self.timings: Dict[int, float] = {}  # batch size -> measured seconds per filter
+        self._compiled: Dict[Tuple, Callable] = {}
+        # Steps per compiled call: all of them (one call per batch) unless the CPU measurement
+        # found the lecture's one step per call cheaper for this layer (its compile is 30x cheaper).
+        self.steps_per_call = self.steps
+        self.timings: Dict[Tuple[int, int], float] = {}  # (batch, steps per call) -> s per filter
         self.chosen_batch: Optional[int] = None  # the measured choice, reused by later calls
 
     # -------------------------------------------------------------- compiled step
@@ -216,18 +219,32 @@ class FilterAscent:
         own = tf.gather(act, filter_index, axis=3, batch_dims=1)  # (B, h', w'): each element's filter
         return tf.reduce_mean(own, axis=[1, 2])
 
-    def _function(self, batch: int):
-        fn = self._compiled.get(batch)
+    def _spec(self, batch: int):
+        import tensorflow as tf
+
+        return (
+            tf.TensorSpec((batch, self.size, self.size, 3), tf.float32),
+            tf.TensorSpec((batch,), tf.int32),
+        )
+
+    def _function(self, batch: int, steps_per_call: Optional[int] = None):
+        """The compiled ascent of `steps_per_call` unrolled steps for `batch` filters.
+
+        With all the steps in one call it returns (image, start activation, end activation);
+        with fewer, (image, activation before this call's first step).
+        """
+        k = steps_per_call or self.steps_per_call
+        fn = self._compiled.get((batch, k))
         if fn is not None:
             return fn
         import tensorflow as tf
 
-        steps, lr = self.steps, self.learning_rate
+        lr, whole = self.learning_rate, k == self.steps
 
         def ascend(images, filter_index):
             x = images
             start = None
-            for _ in range(steps):  # unrolled: one graph for all steps
+            for _ in range(k):  # unrolled: one graph for all k steps
                 with tf.GradientTape() as tape:
                     tape.watch(x)
                     per_filter = self._loss(x, filter_index)
@@ -237,24 +254,45 @@ class FilterAscent:
                 grads = tape.gradient(total, x)
                 grads = tf.math.l2_normalize(grads, axis=[1, 2, 3])  # per filter, never per batch
                 x = x + lr * grads
-            return x, start, self._loss(x, filter_index)
+            if whole:
+                return x, start, self._loss(x, filter_index)
+            return x, start
 
-        spec = (
-            tf.TensorSpec((batch, self.size, self.size, 3), tf.float32),
-            tf.TensorSpec((batch,), tf.int32),
-        )
-        fn = tf.function(ascend, input_signature=spec, autograph=False)
-        self._compiled[batch] = fn
+        fn = tf.function(ascend, input_signature=self._spec(batch), autograph=False)
+        self._compiled[(batch, k)] = fn
+        return fn
+
+    def _loss_function(self, batch: int):
+        fn = self._compiled.get((batch, "loss"))
+        if fn is None:
+            import tensorflow as tf
+
+            fn = tf.function(self._loss, input_signature=self._spec(batch), autograph=False)
+            self._compiled[(batch, "loss")] = fn
         return fn
 
     def compiled_sizes(self) -> List[int]:
-        return sorted(self._compiled)
+        """Batch sizes compiled for the current steps per call."""
+        return sorted(b for b, k in self._compiled if k == self.steps_per_call)
 
-    def run_batch(self, images: np.ndarray, filter_indices: Sequence[int]):
-        """One compiled call on exactly len(filter_indices) filters. Raises TF's OOM errors."""
+    def run_batch(self, images: np.ndarray, filter_indices: Sequence[int], steps_per_call: Optional[int] = None):
+        """Runs all steps on exactly len(filter_indices) filters: one compiled call, or steps/k calls
+        of a k-step function. Returns (images, activation_start, activation_end) as NumPy arrays.
+        Raises TF's out-of-memory errors."""
         batch = len(filter_indices)
-        fn = self._function(batch)
-        x, start, end = fn(np.asarray(images, np.float32), np.asarray(filter_indices, np.int32))
+        k = steps_per_call or self.steps_per_call
+        if self.steps % k:
+            raise ValueError(f"steps per call {k} does not divide steps {self.steps}")
+        fn = self._function(batch, k)
+        x = np.asarray(images, np.float32)
+        idx = np.asarray(filter_indices, np.int32)
+        if k == self.steps:
+            x, start, end = fn(x, idx)
+            return x.numpy(), start.numpy(), end.numpy()
+        x, start = fn(x, idx)
+        for _ in range(self.steps // k - 1):
+            x, _ = fn(x, idx)
+        end = self._loss_function(batch)(x, idx)
         return x.numpy(), start.numpy(), end.numpy()
 
     # -------------------------------------------------------------- many filters
@@ -290,7 +328,7 @@ class FilterAscent:
         used: List[int] = []
         pos = 0
 
-        def run(count: int, batch: int) -> int:
+        def run(count: int, batch: int, steps_per_call: Optional[int] = None) -> int:
             """Runs filters[pos:pos+count] padded to `batch`; returns how many were done."""
             nonlocal pos
             idx = filters[pos:pos + count]
@@ -299,7 +337,7 @@ class FilterAscent:
                 pad = batch - count
                 idx = idx + [idx[-1]] * pad
                 imgs = np.concatenate([imgs, np.repeat(imgs[-1:], pad, axis=0)])
-            x, s, e = self.run_batch(imgs, idx)
+            x, s, e = self.run_batch(imgs, idx, steps_per_call)
             images[pos:pos + count] = x[:count]
             act_start[pos:pos + count] = s[:count]
             act_end[pos:pos + count] = e[:count]
@@ -317,7 +355,7 @@ class FilterAscent:
                 except Exception as exc:  # noqa: BLE001 - only OOM is retried
                     if not is_oom(exc) or batch == 1:
                         raise
-                    self._compiled.pop(batch, None)
+                    self._compiled.pop((batch, self.steps_per_call), None)
                     batch = max(1, batch // 2)
 
         if batch_size is None and auto == "measure":
@@ -338,57 +376,76 @@ class FilterAscent:
         """
         if count >= batch:
             return batch, batch
-        fitting = [b for b in self._compiled if b <= count]
+        compiled = self.compiled_sizes()
+        fitting = [b for b in compiled if b <= count]
         if fitting:
             b = max(fitting)
             return b, b
-        holding = [b for b in self._compiled if b >= count]
+        holding = [b for b in compiled if b >= count]
         return count, min(holding) if holding else batch
 
     def _measure(self, run, left: Callable[[], int], max_batch: int) -> int:
-        """Picks the batch size by timing real work (results are kept, nothing is thrown away).
+        """Picks steps per call and batch size by timing real work (results are kept).
 
-        Each candidate B (1, 4, 16, ... up to max_batch) runs twice on the next real filters: the
-        first call compiles, the second is timed. A larger candidate is tried only while
-        (a) enough filters are left in this call for two batches of it, and (b) it can pay for its
-        own compile: a quarter of the layer's filters x the best time per filter so far must exceed
-        the compile time just measured (on a cheap layer such as block1_conv1 another compile costs
-        more than any batch could save, and the job must never be slower than the one-filter
-        loop). Stops at the first candidate that is not 10% faster per filter than the best.
+        Candidates (batch, steps per call), cheapest to compile first: (1, 1) the lecture's one
+        step per call; (1, all steps) unrolled in one call; then (4, k), (16, k), ... with the
+        better k. Each runs twice on the next real filters: the first call compiles, the second
+        is timed. A candidate is tried only while (a) enough filters are left in this call for
+        two batches of it and (b) it can pay for its own compile: a quarter of the layer's
+        filters x the best time per filter so far must exceed its expected compile time (the
+        compile last measured, x steps for the unrolled graph, whose tracing grows with the
+        steps). So a cheap layer such as block1_conv1 stays at the one-step loop and the job is
+        never slower than the lecture's loop. A candidate must be 10% faster per filter than
+        the best to replace it; the batch search stops at the first that is not.
         The choice is kept for this layer's later calls (a worker keeps its FilterAscent across
-        units); with fewer than 2 filters to measure on, B=1 is used and nothing is kept.
+        units); with fewer than 2 filters to measure on, nothing is measured or kept.
         """
         if self.chosen_batch is not None:
             return self.chosen_batch
-        best, best_t = 1, None
-        compile_seconds = 0.0
-        b = 1
-        while b <= max_batch and left() >= 2 * b:
-            if best_t is not None and EXPECTED_BATCH_GAIN * best_t * self.num_filters <= compile_seconds:
-                break
+        best, best_t = (1, self.steps_per_call), None
+        compile_seconds = {}  # steps per call -> last measured compile time
+
+        def expected_compile(k: int) -> float:
+            if k in compile_seconds:
+                return compile_seconds[k]
+            return max(compile_seconds.values(), default=0.0) * k
+
+        def try_candidate(b: int, k: int) -> Optional[float]:
+            if left() < 2 * b:
+                return None
+            if best_t is not None and EXPECTED_BATCH_GAIN * best_t * self.num_filters <= expected_compile(k):
+                return None
             try:
                 t = time.perf_counter()
-                run(b, b)  # compile + warm
+                run(b, b, k)  # compile + warm
                 first = time.perf_counter() - t
                 t = time.perf_counter()
-                run(b, b)
+                run(b, b, k)
                 elapsed = time.perf_counter() - t
             except Exception as exc:  # noqa: BLE001 - out of memory ends the search
                 if not is_oom(exc) or b == 1:
                     raise
-                self._compiled.pop(b, None)
+                self._compiled.pop((b, k), None)
+                return None
+            compile_seconds[k] = max(0.0, first - elapsed)
+            self.timings[(b, k)] = elapsed / b
+            return elapsed / b
+
+        for k in sorted({1, self.steps}):
+            per_filter = try_candidate(1, k)
+            if per_filter is not None and (best_t is None or per_filter < 0.9 * best_t):
+                best, best_t = (1, k), per_filter
+        k = best[1]
+        b = 4
+        while best_t is not None and b <= max_batch:
+            per_filter = try_candidate(b, k)
+            if per_filter is None or per_filter >= 0.9 * best_t:
                 break
-            per_filter = elapsed / b
-            compile_seconds = max(0.0, first - elapsed)
-            self.timings[b] = per_filter
-            if best_t is None or per_filter < 0.9 * best_t:
-                best, best_t = b, per_filter
-            else:
-                break
+            best, best_t = (b, k), per_filter
             b *= 4
         if self.timings:  # a decision was measured: keep it for this layer's next units
-            self.chosen_batch = best
-        return best
+            self.chosen_batch, self.steps_per_call = best
+        return best[0]
 
 
 def lecture_settings_hash(settings: dict) -> str:
