@@ -25,8 +25,6 @@ import pytest
 
 from conftest import REPO, photo_like, write_image
 
-pytestmark = pytest.mark.slow
-
 HEAD_START_TIMEOUT = 120
 JOB_TIMEOUT = 300
 
@@ -203,6 +201,7 @@ def wait_for(client, sid, timeout):
     return status, JobStatus
 
 
+@pytest.mark.slow
 def test_submitted_job_runs_on_the_head_with_the_uploaded_working_dir(tmp_path):
     inputs = str(tmp_path / "in")
     files = make_inputs(inputs)
@@ -263,3 +262,14 @@ def test_submitted_job_runs_on_the_head_with_the_uploaded_working_dir(tmp_path):
     assert rows[os.path.join(inputs, "top.jpg")]["label"] is None
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["ok"] == 5 and summary["errors"] == 1 and summary["processed_shards"] == 3
+
+
+def test_repository_rayignore_is_the_documented_one():
+    """docs/cluster.md shows the .rayignore users keep (and test_cluster_yaml checks that block
+    against Ray's packaging); the file at the repository root must be that block, not a drifted copy."""
+    with open(os.path.join(REPO, "docs", "cluster.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("<!-- rayignore:begin -->", 1)[1].split("<!-- rayignore:end -->", 1)[0]
+    documented = block.strip().removeprefix("```").removesuffix("```").strip().splitlines()
+    with open(os.path.join(REPO, ".rayignore"), encoding="utf-8") as f:
+        assert f.read().strip().splitlines() == documented
