@@ -84,26 +84,53 @@ class WorkerStartError(RuntimeError):
     """No worker could load the model (the message is one line)."""
 
 
+class _Slot:
+    """One place in the pool: the current actor, its generation, and whether it has loaded."""
+
+    __slots__ = ("actor", "gen", "ready", "load", "failures")
+
+    def __init__(self, actor, gen: int):
+        self.actor, self.gen = actor, gen
+        self.ready = False
+        self.load = 0
+        self.failures = 0
+
+
 class ActorPool:
     """Runs `method(unit)` for each unit over `count` actors of `cls(*args)`.
 
     Each actor keeps up to `in_flight` units queued so it never waits for the driver. A unit whose
-    task fails (actor died, or raised) is retried up to `max_retries` times; a dead actor is
-    replaced by a fresh one.
+    task fails (actor died, or raised) is retried up to `max_retries` times, then reported failed.
+    A dead actor is replaced by a fresh one, which gets work only once it has loaded (on a cluster
+    that lost a node the replacement may wait for resources while the surviving actors finish the
+    job). A slot whose replacements keep failing to start is retired; when no actor is left, or
+    none could start for `start_timeout_s` while work waits, the remaining units are reported failed.
     """
 
-    def __init__(self, cls, args: Sequence, count: int, options: Dict[str, Any], in_flight: int = 2):
+    MAX_START_FAILURES = 3
+
+    def __init__(self, cls, args: Sequence, count: int, options: Dict[str, Any], in_flight: int = 2,
+                 start_timeout_s: float = 900.0):
         import ray
 
         self._remote_cls = ray.remote(cls)
         self._args = tuple(args)
         self._options = dict(options, max_concurrency=in_flight, max_restarts=0)
         self._in_flight = in_flight
-        self.actors = [self._new_actor() for _ in range(count)]
+        self._gen = 0
+        self.start_timeout_s = start_timeout_s
+        self._slots: List[_Slot] = [self._new_slot() for _ in range(count)]
+        self._starting: Dict[Any, tuple] = {}  # ping ref -> (slot index, generation)
         self.replaced = 0
 
-    def _new_actor(self):
-        return self._remote_cls.options(**self._options).remote(*self._args)
+    @property
+    def actors(self) -> list:
+        """The live actor handles (replacements included)."""
+        return [s.actor for s in self._slots if s.actor is not None]
+
+    def _new_slot(self) -> _Slot:
+        self._gen += 1
+        return _Slot(self._remote_cls.options(**self._options).remote(*self._args), self._gen)
 
     def wait_ready(self) -> None:
         """Blocks until every actor has loaded its model (on an autoscaling cluster this includes
@@ -115,70 +142,116 @@ class ActorPool:
         import ray
 
         try:
-            ray.get([a.ping.remote() for a in self.actors])
+            ray.get([s.actor.ping.remote() for s in self._slots])
         except Exception as exc:
             raise WorkerStartError(f"workers could not start: {_one_line(exc)}") from None
+        for s in self._slots:
+            s.ready = True
 
     def run(self, method: str, units: Sequence, on_done: Callable[[Any, Any], None],
             on_failed: Callable[[Any, str], None], max_retries: int = 2, extra_args: Sequence = ()) -> None:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayError
 
-        queue: List[Any] = list(units)[::-1]  # pop() from the end = plan order
+        queue: List[tuple] = list(enumerate(units))[::-1]  # pop() from the end = plan order
         attempts: Dict[int, int] = {}
-        pending: Dict[Any, tuple] = {}  # ref -> (unit, actor index)
-        load = [0] * len(self.actors)
-
-        def submit(ai):
-            unit = queue.pop()
-            ref = getattr(self.actors[ai], method).remote(unit, *extra_args)
-            pending[ref] = (unit, ai)
-            load[ai] += 1
+        pending: Dict[Any, tuple] = {}  # ref -> (key, unit, slot index, generation)
+        waiting_since: Optional[float] = None
 
         def fill():
-            for ai in range(len(self.actors)):
-                while queue and load[ai] < self._in_flight:
-                    submit(ai)
+            for si, slot in enumerate(self._slots):
+                while queue and slot.ready and slot.actor is not None and slot.load < self._in_flight:
+                    key, unit = queue.pop()
+                    ref = getattr(slot.actor, method).remote(unit, *extra_args)
+                    pending[ref] = (key, unit, si, slot.gen)
+                    slot.load += 1
 
         fill()
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+        while pending or (queue and self._starting):
+            done, _ = ray.wait(list(pending) + list(self._starting), num_returns=1, timeout=1.0)
+            if not done:
+                if not pending:  # work is waiting and no actor can take it yet
+                    waiting_since = waiting_since or time.monotonic()
+                    if time.monotonic() - waiting_since > self.start_timeout_s:
+                        break
+                continue
+            waiting_since = None
             for ref in done:
-                unit, ai = pending.pop(ref)
-                load[ai] -= 1
+                if ref in self._starting:
+                    self._started(ref)
+                    continue
+                key, unit, si, gen = pending.pop(ref)
+                slot = self._slots[si]
+                current = slot.gen == gen
+                if current:
+                    slot.load -= 1
                 try:
-                    on_done(unit, ray.get(ref))
-                except (RayActorError, RayTaskError) as exc:
-                    key = id(unit)
+                    value = ray.get(ref)
+                except RayError as exc:
+                    if isinstance(exc, RayActorError) and current:
+                        self._replace(si)
                     attempts[key] = attempts.get(key, 0) + 1
-                    if isinstance(exc, RayActorError):
-                        self._replace(ai)
                     reason = _one_line(exc)
                     if attempts[key] <= max_retries:
-                        print(f"[bulk-explain] retrying {unit!r} after: {reason}", file=sys.stderr)
-                        queue.append(unit)
+                        print(f"[bulk-explain] retrying {unit!r} after: {reason}", file=sys.stderr, flush=True)
+                        queue.append((key, unit))
                     else:
                         on_failed(unit, reason)
+                    continue
+                on_done(unit, value)
             fill()
+        if queue:
+            why = ("no worker is left: every replacement failed to start" if not self._starting else
+                   f"no worker could start within {self.start_timeout_s:.0f}s")
+            for _, unit in reversed(queue):
+                on_failed(unit, why)
+            queue.clear()
 
-    def _replace(self, ai: int) -> None:
+    def _started(self, ref) -> None:
         import ray
 
+        si, gen = self._starting.pop(ref)
+        slot = self._slots[si]
+        if slot.gen != gen:
+            return
         try:
-            ray.kill(self.actors[ai], no_restart=True)
-        except Exception:
-            pass
-        self.actors[ai] = self._new_actor()
+            ray.get(ref)
+        except Exception as exc:
+            slot.failures += 1
+            print(f"[bulk-explain] replacement worker failed to start ({slot.failures}/{self.MAX_START_FAILURES}): "
+                  f"{_one_line(exc)}", file=sys.stderr, flush=True)
+            if slot.failures < self.MAX_START_FAILURES:
+                self._replace(si, failures=slot.failures)
+            else:
+                self._kill(slot.actor)
+                slot.actor = None
+            return
+        slot.ready = True
+        slot.failures = 0
+
+    def _replace(self, si: int, failures: int = 0) -> None:
+        self._kill(self._slots[si].actor)
+        slot = self._new_slot()
+        slot.failures = failures
+        self._slots[si] = slot
+        self._starting[slot.actor.ping.remote()] = (si, slot.gen)
         self.replaced += 1
 
-    def shutdown(self) -> None:
+    @staticmethod
+    def _kill(actor) -> None:
         import ray
 
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:
-                pass
+        if actor is None:
+            return
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:
+            pass
+
+    def shutdown(self) -> None:
+        for slot in self._slots:
+            self._kill(slot.actor)
+        self._starting.clear()
 
 
 def _one_line(exc: BaseException) -> str:

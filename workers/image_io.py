@@ -7,15 +7,23 @@ ahead of (decode) and behind (encode) the compiled step.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from typing import Optional, Tuple
-
-import cv2
-import numpy as np
 
 # A decompression bomb (a 30000x30000 PNG is 100 kB on disk, 2.7 GB decoded) is refused from its
 # header, before any pixel is decoded. 178,956,970 is Pillow's hard limit (2x its warning limit).
 MAX_IMAGE_PIXELS = 178_956_970
+# OpenCV's own check (every format, TIFF and WebP included) reads this variable once, when cv2 is
+# loaded: set here for processes where this module loads cv2 first, and by the driver in the
+# workers' environment. Its default (2**30 pixels) is 6x ours.
+OPENCV_PIXEL_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+os.environ.setdefault(OPENCV_PIXEL_CAP_ENV, str(MAX_IMAGE_PIXELS))
+# Files larger than this are not read at all (an uncompressed TIFF at the pixel cap is 537 MB).
+MAX_FILE_BYTES = 1 << 30
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 class ImageDecodeError(ValueError):
@@ -81,7 +89,11 @@ def decode_bgr(data: bytes) -> np.ndarray:
         # IMREAD_COLOR: 3-channel 8-bit BGR, EXIF orientation applied (IGNORE_ORIENTATION not set).
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as exc:
-        raise ImageDecodeError(f"cannot decode image: {str(exc).strip().splitlines()[-1]}") from None
+        text = str(exc).strip().splitlines()[-1]
+        if "CV_IO_MAX_IMAGE_PIXELS" in text:
+            raise ImageDecodeError(f"image is over the {MAX_IMAGE_PIXELS:,} pixel cap (refused by the decoder "
+                                   f"before allocating)") from None
+        raise ImageDecodeError(f"cannot decode image: {text}") from None
     if bgr is None or bgr.size == 0:
         head = data[:16].lstrip()
         if head[:1] == b"<" or head[:5].lower() in (b"<!doc", b"<html"):

@@ -9,6 +9,17 @@ import re
 from workers.storage import storage_for
 
 _PART = re.compile(r"^shard-(\d{5,})\.(parquet|json)$")
+_IMAGE_ID = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def _check_ids(shard: int, position: int = 0, image_id: str = "0" * 16) -> None:
+    """Output names are built only from these, so they must be what they claim: non-negative
+    integers and a hex digest (never a source name, which could hold "/" or "..")."""
+    for what, value in (("shard", shard), ("position", position)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{what} must be a non-negative int, received {value!r}")
+    if not isinstance(image_id, str) or not _IMAGE_ID.match(image_id):
+        raise ValueError(f"image id must be a lowercase hex digest, received {image_id!r}")
 
 
 class OutputLayout:
@@ -39,13 +50,31 @@ class OutputLayout:
     def commits_dir(self) -> str:
         return self._join("_commits")
 
+    @property
+    def staging_dir(self) -> str:
+        return self._join("_staging")
+
     def manifest_part(self, shard: int) -> str:
+        """The visible part: present only for committed shards (see ARCHITECTURE.md, Output protocol)."""
+        _check_ids(shard)
         return self._join("manifest", f"shard-{shard:05d}.parquet")
 
+    def staged_part(self, shard: int) -> str:
+        """Where a worker writes the part before it commits; outside manifest/, so no reader sees it."""
+        _check_ids(shard)
+        return self._join("_staging", f"shard-{shard:05d}.parquet")
+
     def commit_marker(self, shard: int) -> str:
+        _check_ids(shard)
         return self._join("_commits", f"shard-{shard:05d}.json")
 
+    def shard_image_dirs(self, shard: int):
+        """Folders holding the shard's per-image outputs (overlays, heatmaps, channel grids)."""
+        _check_ids(shard)
+        return [self._join(kind, f"{shard:05d}") for kind in ("overlays", "heatmaps", "grids")]
+
     def _stem(self, shard: int, position: int, image_id: str) -> str:
+        _check_ids(shard, position, image_id)
         return f"{shard:05d}/{position:05d}-{image_id[:16]}"
 
     def overlay(self, shard: int, position: int, image_id: str) -> str:

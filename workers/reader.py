@@ -9,9 +9,10 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-import cv2
+# image_io first: it sets OpenCV's pixel cap before cv2 is loaded.
+from workers.image_io import MAX_FILE_BYTES, ImageDecodeError, decode_bgr, image_id
 
-from workers.image_io import ImageDecodeError, decode_bgr, image_id
+import cv2  # noqa: E402  (after image_io on purpose)
 from workers.preprocessing import Preprocessing
 from workers.storage import storage_for
 
@@ -43,13 +44,25 @@ def _one_line(exc: BaseException) -> str:
 def read_one(position, uri, label, size, version, preprocessing: Preprocessing) -> DecodedImage:
     """Never raises: any failure becomes `DecodedImage.error` (one line)."""
     item = DecodedImage(position, uri, label, size, version)
+    if size is not None and size > MAX_FILE_BYTES:
+        item.error = f"file is {size:,} bytes, over the {MAX_FILE_BYTES:,} byte cap; not read"
+        return item
     try:
         data = storage_for(uri).read_bytes(uri)
     except FileNotFoundError:
         item.error = "file disappeared between listing and reading"
         return item
+    except IsADirectoryError:
+        item.error = "not a file (a folder now has this name)"
+        return item
+    except PermissionError as exc:
+        item.error = f"cannot read: permission denied ({type(exc).__name__})"
+        return item
     except Exception as exc:
         item.error = f"cannot read: {_one_line(exc)}"
+        return item
+    if len(data) > MAX_FILE_BYTES:
+        item.error = f"file is {len(data):,} bytes, over the {MAX_FILE_BYTES:,} byte cap"
         return item
     item.image_id = image_id(data)
     try:

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import uuid
 from typing import Callable, Dict, Iterator, Optional, Type
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+# Temp files of atomic local writes: "_tmp-<uuid>-<name>.tmp". The "_" prefix hides them from
+# pyarrow/Spark dataset discovery and the ".tmp" suffix from "*.parquet" globs (DuckDB, Polars);
+# a crash leaves them behind and the driver deletes them on the next run.
+TEMP_PREFIX = "_tmp-"
+TEMP_SUFFIX = ".tmp"
+
+
+def is_temp_name(uri: str) -> bool:
+    name = uri.rsplit("/", 1)[-1]
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +90,19 @@ class Storage:
         raise NotImplementedError
 
 
+_ESCAPED_BYTE = re.compile(rb"\\x([89a-f][0-9a-f])")
+
+
+def _printable_path(path: str) -> str:
+    """A path as valid UTF-8 text (Arrow strings must be): a name that is not UTF-8 on disk keeps
+    its bytes >= 0x80 as "\\xNN" escapes, which `LocalStorage` maps back when it opens the file."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class LocalStorage(Storage):
     """Local (or mounted network) filesystem. URIs are absolute paths."""
 
@@ -88,6 +113,13 @@ class LocalStorage(Storage):
         if uri.startswith("file://"):
             uri = uri[len("file://"):]
         return os.path.abspath(os.path.expanduser(uri))
+
+    def _os_path(self, uri: str):
+        """The path to open: `uri` itself, or the raw bytes behind a `_printable_path` escape."""
+        path = self._path(uri)
+        if "\\x" in path and not os.path.lexists(path):
+            return _ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), os.fsencode(path))
+        return path
 
     def list_files(self, root, extensions=IMAGE_EXTENSIONS):
         root = self._path(root)
@@ -111,7 +143,7 @@ class LocalStorage(Storage):
                     st = os.stat(path)
                 except OSError:
                     continue  # dangling symlink: nothing to read
-                yield FileEntry(uri=path, size=st.st_size, version=str(st.st_mtime_ns))
+                yield FileEntry(uri=_printable_path(path), size=st.st_size, version=str(st.st_mtime_ns))
 
     def list_names(self, prefix_uri):
         root = self._path(prefix_uri)
@@ -122,18 +154,25 @@ class LocalStorage(Storage):
                 yield os.path.join(dirpath, name)
 
     def read_bytes(self, uri):
-        with open(self._path(uri), "rb") as f:
+        with open(self._os_path(uri), "rb") as f:
             return f.read()
 
     def write_bytes(self, uri, data):
         path = self._path(uri)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        # Temp name starts with "_" so pyarrow dataset discovery never sees a half-written part.
-        tmp = os.path.join(folder, f"_tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        # Same folder (os.replace is atomic only within one filesystem); hidden name, see TEMP_PREFIX.
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}{TEMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
 
     def exists(self, uri):
         return os.path.exists(self._path(uri))

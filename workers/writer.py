@@ -1,10 +1,19 @@
 """The write stage: heatmaps, overlays and channel grids encoded and written in a thread pool
-behind compute; then the shard's manifest part (atomic) and, last, its commit marker."""
+behind compute; then the shard's commit: staged part, commit marker, published part.
+
+Commit protocol (ARCHITECTURE.md, "Output protocol"): the part is first written to
+`_staging/shard-N.parquet` (outside `manifest/`, invisible to every reader), then the commit marker
+`_commits/shard-N.json` is written (the commit point), then the same bytes are written to
+`manifest/shard-N.parquet` (one atomic write: temp + rename locally, one PUT on S3) and the staged
+copy is deleted. A crash before the marker leaves nothing visible; a crash after it leaves a
+committed shard that the next run publishes from `_staging/` ("roll forward").
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -14,6 +23,7 @@ import pyarrow.parquet as pq
 
 from schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
 from workers import image_io
+from workers.faults import fault_point
 from workers.layout import OutputLayout
 from workers.reader import DecodedImage
 
@@ -109,11 +119,16 @@ class ShardWriter:
         return row
 
     def commit(self, rows: List[dict], content_hash: str, seconds: float, result_fingerprint: str) -> dict:
-        """Writes the manifest part (one atomic write) and then the commit marker."""
+        """Stages the manifest part, writes the commit marker, publishes the part, then deletes
+        per-image files of earlier attempts that no row references."""
         table = pa.Table.from_pylist(rows, schema=IMAGE_MANIFEST_SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self.storage.write_bytes(self.layout.manifest_part(self.shard), buf.getvalue())
+        data = buf.getvalue()
+        staged = self.layout.staged_part(self.shard)
+        fault_point("before_stage", self.shard)
+        self.storage.write_bytes(staged, data)
+        fault_point("after_stage", self.shard)
         ok = sum(1 for r in rows if r["status"] == "ok")
         marker = {
             "shard": self.shard,
@@ -124,6 +139,39 @@ class ShardWriter:
             "result_fingerprint": result_fingerprint,
             "seconds": round(seconds, 3),
             "committed_at": time.time(),
+            "worker_pid": os.getpid(),
+            "worker_rss_bytes": rss_bytes(),
         }
         self.storage.write_bytes(self.layout.commit_marker(self.shard), json.dumps(marker).encode())
+        fault_point("after_marker", self.shard)
+        self.storage.write_bytes(self.layout.manifest_part(self.shard), data)
+        self.storage.delete(staged)
+        fault_point("after_publish", self.shard)
+        self.delete_orphans(rows)
         return marker
+
+    def delete_orphans(self, rows: List[dict]) -> int:
+        """Deletes files in this shard's image folders that no row references: outputs of an
+        earlier plan of the shard (other positions/images) and temp files of crashed writes."""
+        keep = set()
+        for r in rows:
+            keep.update(u for u in (r.get("gradcam_overlay_uri"), r.get("gradcam_heatmap_uri")) if u)
+            keep.update(r.get("activation_grid_uris") or ())
+        deleted = 0
+        for folder in self.layout.shard_image_dirs(self.shard):
+            for uri in list(self.storage.list_names(folder)):
+                if uri not in keep:
+                    self.storage.delete(uri)
+                    deleted += 1
+        return deleted
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc), else the peak from getrusage."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
