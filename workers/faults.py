@@ -5,8 +5,9 @@ its Ray workers.
 
     BULK_EXPLAIN_TEST_CRASH_AT      POINT or POINT:SHARD  (POINT: listing, planned, before_stage,
                                     after_stage, after_marker, after_publish)
-    BULK_EXPLAIN_TEST_CRASH_ACTION  exit (default: os._exit, no cleanup), kill (SIGKILL itself), or
-                                    pause (sleep, so that the test can kill whatever it wants)
+    BULK_EXPLAIN_TEST_CRASH_ACTION  exit (default: os._exit, no cleanup), kill (SIGKILL itself),
+                                    pause (sleep, so that the test can kill whatever it wants), or
+                                    wait (go on once the test deletes the flag file)
     BULK_EXPLAIN_TEST_CRASH_FLAG    optional file: created with "PID SHARD" when the point fires;
                                     if it already exists the point does not fire again (once only)
 """
@@ -42,6 +43,11 @@ def fault_point(point: str, shard: Optional[int] = None) -> None:
     action = os.environ.get(CRASH_ACTION, "exit")
     if action == "pause":
         time.sleep(600)
+        return
+    if action == "wait":
+        deadline = time.monotonic() + 120
+        while flag and os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

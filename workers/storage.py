@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import tempfile
 import uuid
 from typing import Callable, Dict, Iterator, Optional, Type
@@ -143,6 +144,8 @@ class LocalStorage(Storage):
                     st = os.stat(path)
                 except OSError:
                     continue  # dangling symlink: nothing to read
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a FIFO or device named *.jpg would block or never end a read
                 yield FileEntry(uri=_printable_path(path), size=st.st_size, version=str(st.st_mtime_ns))
 
     def list_names(self, prefix_uri):
