@@ -23,6 +23,7 @@ Output layout under DST:
   filters/_parts/<key>/<unit>.parquet         committed manifest parts
   filters/_commits/<key>/<unit>.json          commit markers
   weights/<layer>_channels.png, weights/<layer>_color.png, weights/<layer>/filter_<i>.png
+            (the selected layers, plus always the first conv layer's colour view)
 
 Caching: `key` = hash(model fingerprint, steps, learning rate, size, seed, algorithm version). A
 run skips every unit already committed under its key, so a second run with the same model and
@@ -53,6 +54,11 @@ from workers.models import ModelError, ModelSpec, model_kinds
 ALGORITHM = "lecture-gradient-ascent/1"
 DEFAULT_FILTERS_PER_UNIT = 64
 GPU_MAX_BATCH = 64
+# On a GPU each compiled call is enqueued asynchronously, so calling a one-step function 30 times
+# costs next to nothing over one 30-step call, while tracing the unrolled 30-step graph costs
+# seconds of host time per layer (measured here: 2-8 s per VGG16 layer): 13 layers of it would eat
+# the < 60 s budget for all VGG16 filters. Not measured on a GPU yet.
+GPU_STEPS_PER_CALL = 1
 CPU_MAX_BATCH = 64
 INPUT_HANDLING = "the image tensor goes to the model as is (no model preprocessing), as in the lecture"
 
@@ -495,6 +501,7 @@ class FilterWorker:
                 filters, starts, batch_size=s.get("batch_size"),
                 auto="max" if self.gpu else "measure",
                 max_batch=GPU_MAX_BATCH if self.gpu else CPU_MAX_BATCH,
+                steps_per_call=_gpu_steps_per_call(s["steps"]) if self.gpu else None,
             )
             timings = dict(ascent.timings)
         compute_seconds = result.seconds
@@ -546,6 +553,10 @@ class FilterWorker:
         }
         self.storage.write_bytes(self.layout.marker(key, unit["id"]), json.dumps(marker).encode())
         return marker
+
+
+def _gpu_steps_per_call(steps: int) -> int:
+    return GPU_STEPS_PER_CALL if steps % GPU_STEPS_PER_CALL == 0 else 1
 
 
 # ---------------------------------------------------------------- driver
@@ -780,7 +791,10 @@ def run_filters(config: FiltersConfig) -> FiltersResult:
     weight_records = (markers.get(weights_name) or {}).get("files")
     if weight_records is None:
         order = "BGR" if loaded.preprocessing.scaling == "vgg16" else "RGB"
-        weight_records = write_weight_plots(model, layers, storage, layout.weights_root, config.weights_filters,
+        first_conv = resolve_layers(model, None)[0] if any(
+            isinstance(l, keras.layers.Conv2D) for l in model.layers) else None
+        weight_layers = ([first_conv] if first_conv and first_conv not in layers else []) + list(layers)
+        weight_records = write_weight_plots(model, weight_layers, storage, layout.weights_root, config.weights_filters,
                                             config.weights_channels, input_order=order, per_row=config.sheet_columns)
         storage.write_bytes(layout.marker(key, weights_name), json.dumps({"files": weight_records}).encode())
 
