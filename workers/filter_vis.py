@@ -9,8 +9,8 @@ The lecture (Chollet, Deep Learning with Python, 9.4.2) visualizes one filter at
         image += 10 * grads
     deprocess: standardize, x64 + 128, clip to 0..255, centre-crop 25 px
 
-`FilterAscent` runs the same procedure for B filters at once, one filter per batch element, all
-steps inside one compiled call:
+`FilterAscent` runs the same procedure for B filters at once, one filter per batch element, by
+default all steps inside one compiled call:
 
 * each element's loss is the mean of *its own* filter's channel (a gather with batch_dims=1), and
   the summed loss gives each element exactly the gradient it would get alone (the elements never
@@ -26,7 +26,11 @@ preprocessing (no VGG16 mean subtraction) is applied during the ascent.
 
 The steps are unrolled inside one `tf.function` (a Python loop over a fixed step count): measured
 here, a `tf.while_loop` body ran 3x slower on CPU than the same steps unrolled, because graph
-optimizations do not reach inside the loop body.
+optimizations do not reach inside the loop body. Tracing 30 unrolled steps costs 2-8 s of host
+time per layer and batch size, though, so `steps_per_call` can split the steps over several calls
+of a k-step function (same arithmetic, same results): the CPU measurement in `ascend` weighs the
+lecture's one step per call against one call for all steps, and the filters job runs one step per
+call on a GPU, where calls are queued asynchronously and the compile is what costs.
 """
 
 from __future__ import annotations
@@ -306,9 +310,10 @@ class FilterAscent:
 
         Args:
             batch_size: filters per compiled call; None picks it (see `auto`).
-            auto: how to pick when batch_size is None: "measure" (CPU: time B=1, 4, 16... on the
-                first real filters, keep the fastest; never slower than one at a time) or "max"
-                (GPU: `max_batch`, halved on out-of-memory).
+            auto: how to pick when batch_size is None: "measure" (CPU: time one step per call
+                against all steps in one call, then B=4, 16, ... on the first real filters, and
+                keep the fastest, see `_measure`) or "max" (GPU: `max_batch`, halved on
+                out-of-memory).
             max_batch: largest batch tried.
             steps_per_call: gradient steps per compiled call (must divide steps); None keeps the
                 current choice (all steps in one call unless a measurement chose otherwise).
