@@ -1,0 +1,292 @@
+"""Exactly-once under crashes (issue 5): the driver SIGKILLed at several points, Ctrl-C and SIGTERM,
+a worker process killed mid-shard, a shard that keeps killing its worker, and a node leaving a
+2-node cluster. After each, `pyarrow.dataset(DST/manifest)` never shows a row twice or an
+uncommitted part, and a re-run of the same command completes with every input exactly once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, photo_like, write_image
+
+from jobs.plan import ShardTask
+
+MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64"]
+ENV = dict(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="0")
+
+
+def make_inputs(root, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return sorted(write_image(os.path.join(root, "cats" if i % 2 else "dogs", f"{i:03d}.jpg"), photo_like(rng, 36, 44))
+                  for i in range(n))
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _session_pids(sid):
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id; skip zombies
+            pids.append(int(name))
+    return pids
+
+
+def kill_session(proc):
+    """SIGKILLs the driver, then everything it started (the CLI runs in its own session, so this
+    touches only this test's processes): the machine the job ran on is gone."""
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        left = _session_pids(proc.pid)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.monotonic() < deadline, f"processes survive: {left}"
+        time.sleep(0.2)
+
+
+def start(args, fault=None, flag=None, action="pause"):
+    env = dict(os.environ, **ENV)
+    if fault:
+        env.update(BULK_EXPLAIN_TEST_CRASH_AT=fault, BULK_EXPLAIN_TEST_CRASH_ACTION=action,
+                   BULK_EXPLAIN_TEST_CRASH_FLAG=flag)
+    return subprocess.Popen([sys.executable, "-m", "jobs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+
+
+def wait_flag(flag, proc, timeout=300):
+    """Waits until the fault point fired; returns (pid, shard) written by the process that hit it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.path.exists(flag):
+            text = open(flag).read()
+            if text.endswith("\n"):
+                pid, shard = map(int, text.split())
+                return pid, shard
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended (rc {proc.returncode}) before its fault point:\n{proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, "fault point never reached"
+        time.sleep(0.05)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+# ----------------------------------------------------------------------------- invariants
+
+def visible_state(out):
+    """Checks what a reader sees now; returns {source_uri: shard} of the visible rows."""
+    manifest = os.path.join(out, "manifest")
+    if not os.path.isdir(manifest):
+        return {}
+    dataset = ds.dataset(manifest)
+    assert all(os.path.basename(f).startswith("shard-") for f in dataset.files), dataset.files
+    seen = {}
+    for path in dataset.files:
+        shard = int(os.path.basename(path)[6:11])
+        table = pq.read_table(path)
+        # a visible part belongs to a commit marker, and holds exactly the inputs that marker hashed
+        marker = json.load(open(os.path.join(out, "_commits", f"shard-{shard:05d}.json")))
+        rows = ShardTask(shard, table.column("source_uri").to_pylist(), [], [], table.column("source_version").to_pylist())
+        assert rows.content_hash == marker["content_hash"] and len(rows) == marker["rows"]
+        for uri in rows.uris:
+            assert uri not in seen, f"{uri} visible twice"
+            seen[uri] = shard
+    return seen
+
+
+def assert_exactly_once(out, inputs):
+    seen = visible_state(out)
+    assert sorted(seen) == sorted(inputs)
+    table = ds.dataset(os.path.join(out, "manifest")).to_table()
+    assert table.num_rows == len(inputs) and set(table.column("status").to_pylist()) == {"ok"}
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("_tmp-")]
+    assert leftovers == []
+    staging = os.path.join(out, "_staging")
+    assert not os.path.isdir(staging) or os.listdir(staging) == []
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_driver_killed_at_every_step_then_resumed(tmp_path):
+    inputs = make_inputs(str(tmp_path / "in"), 24)
+    out = str(tmp_path / "out")
+    args = ["run", "--input", str(tmp_path / "in"), "--output", out, *MODEL, "--shard-size", "2", "--batch-size", "2"]
+    flags = tmp_path / "flags"
+    flags.mkdir()
+
+    # A. during listing: nothing was written, nothing is visible
+    proc = start(args, "listing", str(flags / "a"))
+    wait_flag(str(flags / "a"), proc)
+    kill_session(proc)
+    assert visible_state(out) == {} and not os.path.exists(os.path.join(out, "job.json"))
+
+    # B. mid-shards, between a shard's part and its marker: the staged part is invisible
+    proc = start(args, "after_stage", str(flags / "b"))
+    _, b_shard = wait_flag(str(flags / "b"), proc)
+    kill_session(proc)
+    seen = visible_state(out)
+    assert b_shard not in seen.values()
+    assert os.path.exists(os.path.join(out, "_staging", f"shard-{b_shard:05d}.parquet"))
+    assert not os.path.exists(os.path.join(out, "_commits", f"shard-{b_shard:05d}.json"))
+
+    # C. between the marker (commit point) and publishing the part: committed, not yet visible
+    proc = start(args, "after_marker", str(flags / "c"))
+    _, c_shard = wait_flag(str(flags / "c"), proc)
+    kill_session(proc)
+    seen = visible_state(out)
+    assert c_shard not in seen.values()
+    assert os.path.exists(os.path.join(out, "_commits", f"shard-{c_shard:05d}.json"))
+    committed_before_d = len(seen) // 2
+
+    # D. Ctrl-C while a shard is in flight: exit 130, committed work kept; this run first
+    #    published shard C from _staging/ ("roll forward")
+    proc = start(args, "before_stage", str(flags / "d"))
+    wait_flag(str(flags / "d"), proc)
+    os.kill(proc.pid, signal.SIGINT)
+    rc, err = finish(proc, timeout=120)
+    assert rc == 130, err[-3000:]
+    assert "re-run the same command to resume" in err
+    assert "published 1 shards committed by an interrupted run" in err
+    seen = visible_state(out)
+    assert c_shard in seen.values() and len(seen) // 2 >= committed_before_d + 1
+    kill_session(proc)  # nothing should be left; make sure before the next run
+
+    # E. SIGTERM (what `ray job stop`, Kubernetes and systemd send): exit 143, work kept
+    proc = start(args, "before_stage", str(flags / "e"))
+    wait_flag(str(flags / "e"), proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    rc, err = finish(proc, timeout=120)
+    assert rc == 143, err[-3000:]
+    assert "interrupted (SIGTERM)" in err
+    visible_state(out)
+    kill_session(proc)
+
+    # F. a worker process SIGKILLed mid-shard: the actor is replaced, the shard retried, the job
+    #    completes with every input exactly once
+    proc = start(args, "before_stage", str(flags / "f"))
+    worker_pid, _ = wait_flag(str(flags / "f"), proc)
+    assert worker_pid != proc.pid
+    os.kill(worker_pid, signal.SIGKILL)
+    rc, err = finish(proc)
+    assert rc == 0, err[-3000:]
+    assert "retrying shard" in err
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["failed_shards"] == [] and summary["shards"] == 12 and summary["skipped_shards"] > 0
+    assert_exactly_once(out, inputs)
+
+    # and the finished output re-runs as a no-op
+    rc, err = finish(start(args))
+    assert rc == 0 and "12 shards already committed" in err
+    assert_exactly_once(out, inputs)
+
+
+def test_shard_that_keeps_killing_its_worker_fails_after_bounded_retries(ray_local, tmp_path, monkeypatch):
+    from jobs import ExplainConfig, ModelSpec, run_explain
+
+    inputs = make_inputs(str(tmp_path / "in"), 8, seed=1)
+    out = str(tmp_path / "out")
+
+    def config():
+        return ExplainConfig(inputs=(str(tmp_path / "in"),), output=out, batch_size=2, shard_size=2,
+                             max_shard_retries=1, model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
+
+    monkeypatch.setenv("BULK_EXPLAIN_TEST_CRASH_AT", "before_stage:3")  # every attempt: os._exit
+    result = run_explain(config(), progress=False)
+    assert result.exit_code == 1 and 3 in result.failed_shards
+    assert "died" in result.failure_reasons[3].lower() or "exit" in result.failure_reasons[3].lower()
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert 3 in summary["failed_shards"] and summary["exit_code"] == 1
+    seen = visible_state(out)  # failed shards are simply absent, never half there
+    assert set(seen.values()) == {0, 1, 2, 3} - set(result.failed_shards)
+
+    monkeypatch.delenv("BULK_EXPLAIN_TEST_CRASH_AT")
+    again = run_explain(config(), progress=False)
+    assert again.exit_code == 0 and again.processed_shards == len(result.failed_shards)
+    assert_exactly_once(out, inputs)
+
+
+CLUSTER_SCRIPT = textwrap.dedent("""
+    import json, os, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+
+    root, out, flag = sys.argv[1:4]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+
+    from jobs import ExplainConfig, ModelSpec, run_explain
+
+    config = ExplainConfig(inputs=(root,), output=out, address=cluster.address, workers=2, shard_size=2,
+                           batch_size=2, model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
+    box = {}
+    job = threading.Thread(target=lambda: box.update(result=run_explain(config, progress=True)))
+    job.start()
+    while not (os.path.exists(flag) and open(flag).read().endswith("\\n")):
+        assert job.is_alive(), "job ended before the fault point"
+        time.sleep(0.05)
+    pid = int(open(flag).read().split()[0])
+
+    def ancestors(pid):
+        while pid > 1:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            yield pid
+
+    raylets = {n.all_processes["raylet"][0].process.pid: n for n in workers}
+    victim = [raylets[p] for p in ancestors(pid) if p in raylets][0]
+    cluster.remove_node(victim)  # the node hosting a worker that is in the middle of a shard
+    print("removed node", victim.node_id, file=sys.stderr, flush=True)
+    job.join(timeout=300)
+    assert not job.is_alive()
+    print(json.dumps(box["result"].to_dict()))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_node_leaving_a_two_node_cluster(tmp_path):
+    inputs = make_inputs(str(tmp_path / "in"), 16, seed=2)
+    out, flag = str(tmp_path / "out"), str(tmp_path / "flag")
+    env = dict(os.environ, **ENV, BULK_EXPLAIN_TEST_CRASH_AT="before_stage", BULK_EXPLAIN_TEST_CRASH_ACTION="pause",
+               BULK_EXPLAIN_TEST_CRASH_FLAG=flag)
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path / "in"), out, flag],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=420)
+    finally:
+        kill_session(proc)
+    assert proc.returncode == 0, stderr[-4000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert "removed node" in stderr and "retrying shard" in stderr
+    assert result["exit_code"] == 0 and result["failed_shards"] == [] and result["ok"] == 16
+    assert_exactly_once(out, inputs)
