@@ -236,15 +236,19 @@ class JobInterrupted(SystemExit):
 
 
 def _raise_interrupted(signum, frame):
+    global _sigterm_received
+    _sigterm_received = True
     raise JobInterrupted()
 
 
 _sigterm_owned = False  # True while run_explain owns the SIGTERM handler
+_sigterm_received = False
 
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    global _sigterm_owned
+    global _sigterm_owned, _sigterm_received
+    _sigterm_received = False
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         yield  # not ours to change: another thread, or the caller has its own handler
@@ -373,8 +377,13 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
             if todo:
                 workers.run(todo, markers, result)
     except (KeyboardInterrupt, SystemExit) as exc:
-        log.message(f"interrupted ({'SIGTERM' if isinstance(exc, JobInterrupted) else type(exc).__name__}); "
+        # Ray's wait() turns an exception raised by a signal handler into SystemExit(1): the flag
+        # says whether it was our SIGTERM.
+        sigterm = isinstance(exc, JobInterrupted) or _sigterm_received
+        log.message(f"interrupted ({'SIGTERM' if sigterm else type(exc).__name__}); "
                     f"{len(markers)} committed shards are kept, re-run the same command to resume")
+        if sigterm and not isinstance(exc, JobInterrupted):
+            raise JobInterrupted() from None
         raise
     result.processed_shards = len(todo) - len(result.failed_shards)
     for marker in markers.values():
