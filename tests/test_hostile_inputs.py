@@ -21,6 +21,10 @@ from workers import image_io
 from workers.image_io import ImageDecodeError, decode_bgr
 
 MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64"]
+# Credentials in the environment (and in an endpoint URL) must never reach outputs or logs.
+SECRETS = {"AWS_ACCESS_KEY_ID": "AKIASENTINELKEYID0001", "AWS_SECRET_ACCESS_KEY": "sentinel-secret-7f3a9c",
+           "AWS_SESSION_TOKEN": "sentinel-token-b41d"}
+ENDPOINT_WITH_PASSWORD = "http://minio-user:sentinel-password-55e1@127.0.0.1:9"
 
 
 def run_cli(args, env_extra=None, wait_for_flag=None, on_flag=None):
@@ -161,7 +165,8 @@ def hostile_job(tmp_path_factory):
     expect = build_corpus(root, rng)
     out = str(tmp_path_factory.mktemp("out") / "audit")
     flag = str(tmp_path_factory.mktemp("flags") / "planned")
-    args = ["run", "--input", root, "--output", out, *MODEL, "--shard-size", "6", "--batch-size", "4"]
+    args = ["run", "--input", root, "--output", out, *MODEL, "--shard-size", "6", "--batch-size", "4",
+            "--s3-endpoint-url", ENDPOINT_WITH_PASSWORD]
 
     def delete_one_file():  # between the driver's listing and the worker's read
         os.remove(os.path.join(root, "dogs", "vanishes.jpg"))
@@ -169,7 +174,7 @@ def hostile_job(tmp_path_factory):
 
     t0 = time.monotonic()
     proc = run_cli(args, env_extra={"BULK_EXPLAIN_TEST_CRASH_AT": "planned", "BULK_EXPLAIN_TEST_CRASH_ACTION": "wait",
-                                    "BULK_EXPLAIN_TEST_CRASH_FLAG": flag},
+                                    "BULK_EXPLAIN_TEST_CRASH_FLAG": flag, **SECRETS},
                    wait_for_flag=flag, on_flag=delete_one_file)
     seconds = time.monotonic() - t0
     return root, out, args, expect, proc, seconds
@@ -235,6 +240,76 @@ def test_max_error_rate_turns_errors_into_exit_1(hostile_job):
     table = ds.dataset(os.path.join(out, "manifest")).to_table()
     assert table.num_rows == len(expect) - 1
     assert not any(u.endswith("vanishes.jpg") for u in table.column("source_uri").to_pylist())
+
+
+def test_credentials_never_in_outputs_or_logs(hostile_job):
+    root, out, _, _, proc, _ = hostile_job
+    secrets = [*SECRETS.values(), "sentinel-password-55e1"]
+    job = json.load(open(os.path.join(out, "job.json")))
+    assert job["config"]["s3_endpoint_url"] == "http://***@127.0.0.1:9"
+    for d, _, names in os.walk(out):
+        for name in names:
+            data = open(os.path.join(d, name), "rb").read()
+            for secret in secrets:
+                assert secret.encode() not in data, (name, secret)
+    for secret in secrets:
+        assert secret not in proc.stderr and secret not in proc.stdout
+
+
+# ----------------------------------------------------------------------------- safety: names
+
+def _fake_result():
+    return {"cam": np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), "pred_index": 1, "pred_score": 0.9,
+            "top_index": np.array([1, 0]), "top_score": np.array([0.9, 0.1]), "cam_index": 1,
+            "stats": np.zeros((1, 4), np.float32)}
+
+
+def test_source_names_cannot_steer_writes_outside_dst(tmp_path):
+    """Hostile source names (S3 keys with "..", absolute-looking and multi-line local names) end up
+    only in the source_uri/label columns; every file the writer creates lies under DST."""
+    import hashlib
+
+    from workers.layout import OutputLayout
+    from workers.reader import DecodedImage
+    from workers.writer import ShardWriter
+
+    dst = tmp_path / "area" / "dst"
+    layout = OutputLayout(str(dst))
+    writer = ShardWriter(layout, 7, ["cat", "dog"], ["conv"], 90)
+    hostile = ["s3://bucket/in/a/../../x.jpg", "s3://bucket/in/../../../other-bucket/y.jpg",
+               "/data/in/../../../../etc/cron.d/evil.jpg", "/data/in/..\n../z.jpg", "/data/in/~root/.ssh/k.jpg"]
+    rows = []
+    for pos, uri in enumerate(hostile):
+        data = uri.encode()
+        item = DecodedImage(position=pos, uri=uri, label="..", size=len(data), version="1",
+                            image_id=hashlib.sha256(data).hexdigest(), bgr=np.full((8, 8, 3), 90, np.uint8))
+        row = writer.image_row(item, _fake_result(), [np.ones((2, 2, 3), np.float32)])
+        assert row["status"] == "ok", row["error"]
+        rows.append(row)
+    writer.commit(rows, "hash", 0.1, "fp")
+    written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert written and all(p.startswith(str(dst) + os.sep) for p in written)
+    for row in rows:
+        for uri in (row["gradcam_overlay_uri"], row["gradcam_heatmap_uri"], *row["activation_grid_uris"]):
+            assert os.path.realpath(uri).startswith(str(dst) + os.sep) and ".." not in uri
+    table = ds.dataset(str(dst / "manifest")).to_table()
+    assert table.column("source_uri").to_pylist() == hostile
+
+
+def test_layout_refuses_ids_that_are_not_ids():
+    from workers.layout import OutputLayout
+
+    for layout, prefix in ((OutputLayout("/out/dst"), "/out/dst/"), (OutputLayout("s3://bucket/dst"), "s3://bucket/dst/")):
+        good = "ab" * 32
+        assert layout.overlay(1, 2, good).startswith(prefix)
+        for call in (lambda: layout.overlay(1, 2, "../../../x"), lambda: layout.heatmap(1, 2, "ab/../../cd" * 2),
+                     lambda: layout.overlay(-1, 0, good), lambda: layout.manifest_part("1/../../x"),
+                     lambda: layout.commit_marker(True), lambda: layout.activation_grid(0, -3, good, 0, "l"),
+                     lambda: layout.staged_part(2.5)):
+            with pytest.raises(ValueError):
+                call()
+        # a layer name is sanitized, not trusted
+        assert "/.." not in layout.activation_grid(0, 0, good, 0, "../../etc/passwd")[len(prefix):]
 
 
 # ----------------------------------------------------------------------------- decode level
