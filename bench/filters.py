@@ -84,6 +84,9 @@ def main(argv=None):
     parser.add_argument("--batched-filters", type=int, default=10, help="filters in the job's first unit")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=None, help="fixed batch instead of measuring")
+    parser.add_argument("--compare-batches", default=None,
+                        help="e.g. 1,4,16: also time one all-steps call per batch size, interleaved with "
+                             "the loop, --rounds times (min per filter), and print them")
     args = parser.parse_args(argv)
 
     from workers.tf_runtime import import_tensorflow_quietly
@@ -134,6 +137,20 @@ def main(argv=None):
         rows.append((layer, n_filters, loop, job, steady, chosen))
         print(f"{layer:<14}{n_filters:>8}{loop:>10.3f}{job:>10.3f}{steady:>12.3f}{chosen:>7}"
               f"{loop / steady:>8.2f}{loop / job:>8.2f}", flush=True)
+        if args.compare_batches:
+            sizes = [int(b) for b in args.compare_batches.split(",")]
+            best = {b: float("inf") for b in sizes}
+            best_loop = float("inf")
+            for r in range(args.rounds):
+                best_loop = min(best_loop, timed(generate, 10 + r))
+                for b in sizes:
+                    idx = [(7 * r + k) % n_filters for k in range(b)]
+                    imgs = np.stack([start_noise(3, layer, f, args.size) for f in idx])
+                    if r == 0:
+                        ascent.run_batch(imgs, idx, args.steps)  # compile
+                    best[b] = min(best[b], timed(ascent.run_batch, imgs, idx, args.steps) / b)
+            print(f"{'':<14}all steps in one call, s/filter: "
+                  + ", ".join(f"B={b}: {t:.3f}" for b, t in best.items()) + f"; loop {best_loop:.3f}", flush=True)
         if ascent.timings:
             print(f"{'':<14}measured s/filter by (batch, steps per call): "
                   + ", ".join(f"B={b},k={k}: {s:.3f}" for (b, k), s in sorted(ascent.timings.items()))
