@@ -217,19 +217,30 @@ def test_shard_that_keeps_killing_its_worker_fails_after_bounded_retries(ray_loc
         return ExplainConfig(inputs=(str(tmp_path / "in"),), output=out, batch_size=2, shard_size=2,
                              max_shard_retries=1, model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
 
-    monkeypatch.setenv("BULK_EXPLAIN_TEST_CRASH_AT", "before_stage:3")  # every attempt: os._exit
+    assert run_explain(config(), progress=False).exit_code == 0
+    old_ids = {u: r["image_id"] for u, r in _rows(out).items()}
+    # an image of shard 3 changes, and every attempt at shard 3 now kills its worker (os._exit)
+    write_image(inputs[7], photo_like(np.random.default_rng(9), 50, 30))
+    monkeypatch.setenv("BULK_EXPLAIN_TEST_CRASH_AT", "before_stage:3")
     result = run_explain(config(), progress=False)
-    assert result.exit_code == 1 and 3 in result.failed_shards
+    assert result.exit_code == 1 and result.failed_shards == [3] and result.skipped_shards == 3
     assert "died" in result.failure_reasons[3].lower() or "exit" in result.failure_reasons[3].lower()
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert 3 in summary["failed_shards"] and summary["exit_code"] == 1
-    seen = visible_state(out)  # failed shards are simply absent, never half there
-    assert set(seen.values()) == {0, 1, 2, 3} - set(result.failed_shards)
+    assert summary["failed_shards"] == [3] and summary["exit_code"] == 1
+    # the failed shard is absent, not stale: its previous rows were withdrawn before the retry
+    seen = visible_state(out)
+    assert sorted(seen) == inputs[:6]
 
     monkeypatch.delenv("BULK_EXPLAIN_TEST_CRASH_AT")
     again = run_explain(config(), progress=False)
-    assert again.exit_code == 0 and again.processed_shards == len(result.failed_shards)
+    assert again.exit_code == 0 and again.processed_shards == 1 and again.skipped_shards == 3
     assert_exactly_once(out, inputs)
+    new_ids = {u: r["image_id"] for u, r in _rows(out).items()}
+    assert [u for u in inputs if new_ids[u] != old_ids[u]] == [inputs[7]]
+
+
+def _rows(out):
+    return {r["source_uri"]: r for r in ds.dataset(os.path.join(out, "manifest")).to_table().to_pylist()}
 
 
 CLUSTER_SCRIPT = textwrap.dedent("""
