@@ -504,6 +504,7 @@ class FilterWorker:
                 steps_per_call=_gpu_steps_per_call(s["steps"]) if self.gpu else None,
             )
             timings = dict(ascent.timings)
+            steps_per_call = ascent.steps_per_call
         compute_seconds = result.seconds
 
         def write(k: int) -> str:
@@ -545,7 +546,8 @@ class FilterWorker:
             "fingerprint": s["fingerprint"],
             "batch_sizes": sorted(set(result.batch_sizes)),
             "calls": len(result.batch_sizes),
-            "measured_seconds_per_filter": {str(b): t for b, t in sorted(timings.items())},
+            "steps_per_call": steps_per_call,
+            "measured_seconds_per_filter": {f"B={b},k={k}": t for (b, k), t in sorted(timings.items())},
             "compute_seconds": compute_seconds,
             "seconds": time.perf_counter() - t0,
             "device": "gpu" if self.gpu else "cpu",
@@ -836,6 +838,7 @@ def run_filters(config: FiltersConfig) -> FiltersResult:
             "complete": layer in complete,
             "contact_sheet_uri": layout.sheet(layer) if layer in complete else None,
             "batch_sizes": sorted({b for m in lm for b in m.get("batch_sizes", [])}),
+            "steps_per_call": sorted({m["steps_per_call"] for m in lm if "steps_per_call" in m}),
             "compute_seconds": secs,
             "seconds_per_filter": secs / rows if rows else None,
         })
