@@ -13,7 +13,6 @@ import os
 import platform
 import re
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -164,7 +163,6 @@ class _OutputFiles:
     markers: Dict[int, str] = dataclasses.field(default_factory=dict)  # _commits/
     staged: Dict[int, str] = dataclasses.field(default_factory=dict)  # _staging/
     temps: List[str] = dataclasses.field(default_factory=list)  # crashed atomic writes
-    other: List[str] = dataclasses.field(default_factory=list)  # anything else in manifest/
 
     def shards(self):
         return set(self.parts) | set(self.markers) | set(self.staged)
@@ -184,8 +182,6 @@ def _existing_files(layout: OutputLayout) -> _OutputFiles:
                 files.temps.append(uri)
             elif shard is not None:
                 kind[shard] = uri
-            elif kind is files.parts:
-                files.other.append(uri)
     return files
 
 

@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import posixpath
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -11,9 +11,8 @@ import dataclasses
 import os
 import re
 import stat
-import tempfile
 import uuid
-from typing import Callable, Dict, Iterator, Optional, Type
+from typing import Callable, Dict, Iterator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
