@@ -46,6 +46,8 @@ class JobResult:
             published by this run.
         seconds: wall time of this run.
         images_per_second: images processed by this run / seconds.
+        startup_seconds: from the start of the run until every worker had loaded its model.
+        processing_seconds: from then until the last shard finished (the pipeline's own time).
         exit_code: 0 finished, 1 shards failed or error rate above the limit.
     """
 
@@ -67,6 +69,8 @@ class JobResult:
     seconds: float = 0.0
     images_processed: int = 0
     images_per_second: float = 0.0
+    startup_seconds: float = 0.0
+    processing_seconds: float = 0.0
     error_rate_exceeded: bool = False
 
     @property
@@ -371,7 +375,7 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     try:
         with _Workers(config, needed=bool(todo), log=log) as workers:
             if todo:
-                workers.run(todo, markers, result)
+                workers.run(todo, markers, result, t0)
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ray's wait() turns an exception raised by a signal handler into SystemExit(1): the flag
         # says whether it was our SIGTERM.
@@ -475,9 +479,11 @@ class _Workers:
             raise
         return self
 
-    def run(self, todo: List[ShardTask], markers: Dict[int, dict], result: JobResult) -> None:
+    def run(self, todo: List[ShardTask], markers: Dict[int, dict], result: JobResult, t0: float) -> None:
         config, log = self.config, self.log
         self.pool.wait_ready()
+        ready = time.perf_counter()
+        result.startup_seconds = ready - t0
 
         def done(task, marker):
             markers[task.shard] = marker
@@ -490,6 +496,7 @@ class _Workers:
 
         self.pool.run("process_shard", todo, done, failed, max_retries=config.max_shard_retries,
                       extra_args=(config.result_fingerprint(),))
+        result.processing_seconds = time.perf_counter() - ready
 
     def __exit__(self, *exc):
         import ray
