@@ -2,7 +2,6 @@
 in-process, and end to end (CLI on embedded Ray, random-weight VGG16, two layers) with resume."""
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess

@@ -1,6 +1,5 @@
 """A legacy .h5 saved by tf.keras 2 (the lecture's cats_and_dogs_small_1.h5 format) loads and runs."""
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import REPO, photo_like, write_image
+from conftest import REPO, photo_like
 from s3_server import FaultyS3Proxy, put_objects
 
 pytest_plugins = ["s3_server"]

@@ -129,7 +129,3 @@ class ExplainWorker:
                 in_flight.popleft().result()
         rows = [r.result() if hasattr(r, "result") else r for r in rows]
         return writer.commit(rows, task.content_hash, time.perf_counter() - t0, result_fingerprint)
-
-    def shutdown(self) -> None:
-        self.read_pool.shutdown(wait=True)
-        self.write_pool.shutdown(wait=True)
