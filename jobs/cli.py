@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-error-rate", type=float, default=1.0,
                      help="exit 1 when more than this fraction of images are error rows")
     run.add_argument("--overwrite", action="store_true", help="recompute everything in DST")
+    run.add_argument("--allow-removals", action="store_true",
+                     help="accept a listing with no images or without more than half of the previous run's "
+                          "images (refused by default: an unmounted input must not wipe DST)")
+    run.add_argument("--verify-content", action="store_true",
+                     help="detect changed images by a SHA-256 of their bytes, not size+mtime "
+                          "(reads every input in full on every run)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
 
     try:
@@ -125,6 +131,8 @@ def explain_config_from_args(args):
         overwrite=args.overwrite,
         max_error_rate=args.max_error_rate,
         s3_endpoint_url=args.s3_endpoint_url,
+        allow_removals=args.allow_removals,
+        verify_content=args.verify_content,
     )
 
 

@@ -16,6 +16,11 @@ from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
 
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_BATCH_SIZE = 32
+# A re-run whose listing would drop more than this share of the previous plan's inputs is refused
+# unless `allow_removals`: an unmounted share or a moved folder must not wipe a night's audit.
+MAX_REMOVED_SHARE = 0.5
+# Decoded (full-size) images a worker actor holds at once, summed over its in-flight shards.
+DEFAULT_MAX_DECODED_BYTES = 2 * 1024**3
 
 
 class ConfigError(ValueError):
@@ -48,6 +53,11 @@ class ExplainConfig:
         max_error_rate: fraction of error rows above which the job exits non-zero.
         max_shard_retries: attempts per shard after a worker failure before it is reported failed.
         s3_endpoint_url: S3-compatible endpoint (MinIO, Ceph, moto); credentials never go here.
+        allow_removals: accept a listing that finds no images, or that drops more than
+            `MAX_REMOVED_SHARE` of the previous plan's inputs (refused by default).
+        verify_content: local inputs' version is a SHA-256 of their bytes instead of size and
+            mtime (every input is read in full by the driver on every run).
+        max_decoded_bytes: decoded images each worker actor holds at once (default 2 GiB).
     """
 
     inputs: Tuple[str, ...]
@@ -72,6 +82,9 @@ class ExplainConfig:
     max_error_rate: float = 1.0
     max_shard_retries: int = 2
     s3_endpoint_url: Optional[str] = None
+    allow_removals: bool = False
+    verify_content: bool = False
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
 
     # ------------------------------------------------------------------ validation
 
@@ -100,6 +113,9 @@ class ExplainConfig:
                 raise ConfigError(f"input folder not found: {uri}")
             if scheme_of(uri) == scheme_of(output) and storage_for(output).is_inside(output, uri):
                 raise ConfigError(f"output {output} is inside input {uri}: outputs would be re-read as inputs")
+            if scheme_of(uri) == scheme_of(output) and storage_for(output).is_inside(uri, output):
+                raise ConfigError(f"input {uri} is inside output {output}: a re-run would delete or "
+                                  "rewrite its own inputs; choose an --output outside the inputs")
         if scheme_of(output) == "file" and os.path.exists(output) and not os.path.isdir(output):
             raise ConfigError(f"output exists and is not a folder: {output}")
         m = self.model
@@ -128,6 +144,7 @@ class ExplainConfig:
             ("write threads", self.write_threads, 1),
             ("activation grids", self.activation_grids, 0),
             ("max shard retries", self.max_shard_retries, 0),
+            ("max decoded bytes", self.max_decoded_bytes, 1),
         ):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, received {value!r}")
@@ -185,6 +202,7 @@ class ExplainConfig:
         """Hash of every setting that changes manifest rows; where/how fast it runs is excluded."""
         d = self.to_dict()
         for key in ("inputs", "output", "address", "workers", "gpus_per_worker", "batch_size", "shard_size", "read_threads",
-                    "write_threads", "overwrite", "max_error_rate", "max_shard_retries", "s3_endpoint_url"):
+                    "write_threads", "overwrite", "max_error_rate", "max_shard_retries", "s3_endpoint_url",
+                    "allow_removals", "verify_content", "max_decoded_bytes"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -18,15 +18,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
-from jobs.config import ConfigError, ExplainConfig
+from jobs.config import MAX_REMOVED_SHARE, ConfigError, ExplainConfig
 from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
-from jobs.plan import ShardTask, iter_shards, list_inputs, make_plan, plan_changes, read_plan, write_plan
+from jobs.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, plan_changes, plan_shards,
+                       read_plan, write_plan)
 from jobs.progress import Progress
 from workers.faults import ENV_PREFIX as _FAULT_ENV_PREFIX, fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
 from workers.layout import OutputLayout
 from workers.models import ModelError
-from workers.storage import StorageError, is_temp_name
+from workers.storage import IMAGE_EXTENSIONS, StorageError, is_temp_name
+from workers.writer import marker_agrees, read_part_commit
 
 
 @dataclasses.dataclass
@@ -44,6 +46,8 @@ class JobResult:
             gone since the previous plan in this output; removed_image_uris lists the first 1000 gone.
         rolled_forward_shards: shards committed by a run that died before publishing its part,
             published by this run.
+        mismatched_shards: shards whose visible part was not the one their marker committed
+            (another attempt's or forged), redone by this run.
         seconds: wall time of this run.
         images_per_second: images processed by this run / seconds.
         startup_seconds: from the start of the run until every worker had loaded its model.
@@ -66,6 +70,7 @@ class JobResult:
     removed_images: int = 0
     removed_image_uris: List[str] = dataclasses.field(default_factory=list)
     rolled_forward_shards: int = 0
+    mismatched_shards: int = 0
     seconds: float = 0.0
     images_processed: int = 0
     images_per_second: float = 0.0
@@ -123,6 +128,7 @@ def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_t
         "read_threads": config.read_threads,
         "write_threads": config.write_threads,
         "tf_threads": tf_threads,
+        "max_decoded_bytes": config.max_decoded_bytes,
     }
 
 
@@ -198,12 +204,24 @@ def _read_markers(storage, layout: OutputLayout, shards: List[int]) -> Dict[int,
         return {s: m for s, m in zip(shards, found) if m}
 
 
-def _staged_matches(storage, uri: str, task: ShardTask) -> bool:
-    """A staged part can be published only if it holds exactly this shard's inputs and versions."""
+def _read_part_commits(storage, layout: OutputLayout, shards: List[int]) -> Dict[int, Optional[dict]]:
+    """Reads the commit identity in the footer of each shard's visible part, concurrently."""
+    if not shards:
+        return {}
+    with ThreadPoolExecutor(min(16, len(shards))) as pool:
+        found = pool.map(lambda s: read_part_commit(storage, layout.manifest_part(s)), shards)
+        return dict(zip(shards, found))
+
+
+def _staged_matches(storage, uri: str, task, marker: Optional[dict] = None) -> bool:
+    """A staged part can be published only if it is the part `marker` committed (same attempt and
+    content hash in its footer) and holds exactly this shard's inputs and versions."""
     import io
 
     import pyarrow.parquet as pq
 
+    if marker is not None and not marker_agrees(marker, read_part_commit(storage, uri)):
+        return False
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["source_uri", "source_version"])
     except Exception:
@@ -300,35 +318,10 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     if previous and not config.overwrite and previous.get("result_fingerprint") != fingerprint:
         raise ConfigError(_DIFFERENT_JOB.format(output=config.output))
 
-    try:
-        listing = list_inputs(config.inputs)
-    except StorageError as exc:
-        raise ConfigError(str(exc)) from None
-    # Inputs already planned by an earlier run keep their shard: adding, changing or removing
-    # images re-processes only the shards that hold them.
-    previous_plan = None if config.overwrite else read_plan(layout.plan)
-    changes = plan_changes(previous_plan, listing)
-    plan = make_plan(listing, config.shard_size, previous=previous_plan)
-    del listing, previous_plan
-    tasks = list(iter_shards(plan))
+    planned = plan_job(config, layout, fingerprint)
+    plan, tasks, changes, files = planned.plan, planned.shards, planned.changes, planned.files
+    found, markers, roll_forward, todo = planned.found, planned.markers, planned.roll_forward, planned.todo
     plan_ids = {t.shard for t in tasks}
-
-    files = _existing_files(layout)
-    found = {} if config.overwrite else _read_markers(storage, layout, [t.shard for t in tasks if t.shard in files.markers])
-    markers: Dict[int, dict] = {}
-    roll_forward: List[ShardTask] = []
-    todo: List[ShardTask] = []
-    for task in tasks:
-        marker = found.get(task.shard)
-        if not (marker and marker.get("content_hash") == task.content_hash
-                and marker.get("result_fingerprint") == fingerprint):
-            todo.append(task)
-        elif task.shard in files.parts:
-            markers[task.shard] = marker
-        elif task.shard in files.staged:
-            roll_forward.append(task)  # committed, then the run died before publishing
-        else:
-            todo.append(task)
 
     # The model is checked (and fingerprinted) here, before Ray starts, so a bad model is a one-line
     # exit-2 error and not N failing actors. It costs one extra model load in the driver.
@@ -342,7 +335,8 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     # Nothing is written to DST before this point: a refused job leaves it untouched.
     result = JobResult(output=config.output, images=plan.num_rows, shards=len(tasks),
                        added_images=changes.added, changed_images=changes.changed,
-                       removed_images=changes.removed, removed_image_uris=changes.removed_uris)
+                       removed_images=changes.removed, removed_image_uris=changes.removed_uris,
+                       mismatched_shards=planned.mismatched)
     _repair(layout, files, plan_ids, todo, roll_forward, found, markers, result)
     result.skipped_shards = len(markers)
     fault_point("planned")
@@ -368,6 +362,9 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
         more = f" (and {changes.removed - len(changes.removed_uris)} more)" if changes.removed > len(changes.removed_uris) else ""
         log.message(f"removed images no longer in the manifest: {', '.join(changes.removed_uris[:5])}"
                     f"{' ...' if changes.removed > 5 else ''}{more}")
+    if result.mismatched_shards:
+        log.message(f"redoing {result.mismatched_shards} shards whose visible part is not the one their "
+                    "commit marker names (interleaved runs or a replaced file)")
     if result.rolled_forward_shards:
         log.message(f"published {result.rolled_forward_shards} shards committed by an interrupted run")
     if markers:
@@ -390,7 +387,8 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
         result.ok += marker["ok"]
         result.errors += marker["error"]
     result.seconds = time.perf_counter() - t0
-    result.images_processed = sum(len(t) for t in todo if t.shard not in result.failed_shards)
+    failed = set(result.failed_shards)
+    result.images_processed = sum(len(t) for t in todo if t.shard not in failed)
     result.images_per_second = result.images_processed / result.seconds if result.seconds else 0.0
     rows = result.ok + result.errors
     result.error_rate_exceeded = bool(rows and result.errors / rows > config.max_error_rate)
@@ -399,6 +397,94 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     storage.write_bytes(layout.summary_json, json.dumps(summary, indent=2).encode())
     log.finish(result)
     return result
+
+
+@dataclasses.dataclass
+class PlannedJob:
+    """What `plan_job` decided, before anything in DST is touched."""
+
+    plan: object  # pyarrow.Table, PLAN_SCHEMA
+    shards: List[PlannedShard]
+    changes: PlanChanges
+    files: "_OutputFiles"
+    found: Dict[int, dict]  # markers read, by shard
+    markers: Dict[int, dict]  # committed shards (marker and visible part agree)
+    roll_forward: List[PlannedShard]
+    todo: List[PlannedShard]
+    mismatched: int = 0
+
+
+def _searched(config: ExplainConfig) -> str:
+    exts = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+    return f"{', '.join(config.inputs)} (recursively, for {exts} files)"
+
+
+def _check_removals(config: ExplainConfig, found: int, previous, changes: PlanChanges) -> None:
+    """Refuses a listing that finds nothing or drops most of the previous plan: an unmounted share,
+    a moved folder or a typo must not delete a finished audit.
+
+    Raises:
+        ConfigError: unless `config.allow_removals` (and there is something to remove).
+    """
+    before = previous.num_rows if previous is not None else 0
+    if found == 0 and not (config.allow_removals and before):
+        if before:
+            raise ConfigError(f"no images found under {_searched(config)}, but the previous run in "
+                              f"{config.output} planned {before}; is the input mounted? Pass --allow-removals "
+                              "to remove every earlier result")
+        raise ConfigError(f"no images found under {_searched(config)}")
+    if before and changes.removed > MAX_REMOVED_SHARE * before and not config.allow_removals:
+        first = changes.removed_uris[0] if changes.removed_uris else ""
+        raise ConfigError(f"{changes.removed} of the {before} images of the previous run in {config.output} are "
+                          f"gone (more than {MAX_REMOVED_SHARE:.0%}, e.g. {first}); is the input mounted? Pass "
+                          "--allow-removals if the removal is intended")
+
+
+def plan_job(config: ExplainConfig, layout: OutputLayout, fingerprint: str) -> PlannedJob:
+    """Lists the inputs, plans shards and sorts them into committed, roll-forward and to-do,
+    reading only DST (markers and part footers). Nothing is written.
+
+    Memory: Arrow arrays for the listing and the plan; one small `PlannedShard` per shard.
+
+    Raises:
+        ConfigError: no images, a mass removal without `allow_removals`, an unreadable input.
+    """
+    storage = layout.storage
+    try:
+        listing = list_inputs(config.inputs, verify_content=config.verify_content)
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from None
+    # The safety check compares with the plan on disk even under --overwrite.
+    stored = read_plan(layout.plan, columns=("shard", "source_uri", "size", "version"))
+    changes = plan_changes(stored, listing)
+    _check_removals(config, listing.num_rows, stored, changes)
+    if config.overwrite:
+        stored, changes = None, PlanChanges(added=listing.num_rows)
+    # Inputs already planned by an earlier run keep their shard: adding, changing or removing
+    # images re-processes only the shards that hold them.
+    plan = make_plan(listing, config.shard_size, previous=stored)
+    del listing, stored
+    shards = plan_shards(plan)
+
+    files = _existing_files(layout)
+    found = {} if config.overwrite else _read_markers(storage, layout, [t.shard for t in shards if t.shard in files.markers])
+    matching = {s for s, m in found.items()
+                if m.get("result_fingerprint") == fingerprint}
+    parts = _read_part_commits(storage, layout, sorted(s for s in matching if s in files.parts))
+    job = PlannedJob(plan=plan, shards=shards, changes=changes, files=files, found=found, markers={},
+                     roll_forward=[], todo=[])
+    for task in shards:
+        marker = found.get(task.shard)
+        if task.shard not in matching or marker.get("content_hash") != task.content_hash:
+            job.todo.append(task)
+        elif task.shard in files.parts and marker_agrees(marker, parts.get(task.shard)):
+            job.markers[task.shard] = marker
+        elif task.shard in files.staged:
+            job.roll_forward.append(task)  # committed, then the run died before publishing
+        else:
+            job.mismatched += task.shard in files.parts  # a part that is not the committed one
+            job.todo.append(task)
+    return job
 
 
 def _repair(layout: OutputLayout, files: _OutputFiles, plan_ids, todo: List[ShardTask],
@@ -426,7 +512,7 @@ def _repair(layout: OutputLayout, files: _OutputFiles, plan_ids, todo: List[Shar
     result.removed_shards = len(gone)
     for task in roll_forward:
         staged = files.staged[task.shard]
-        if _staged_matches(storage, staged, task):
+        if _staged_matches(storage, staged, task, found[task.shard]):
             storage.write_bytes(layout.manifest_part(task.shard), storage.read_bytes(staged))
             storage.delete(staged)
             markers[task.shard] = found[task.shard]

@@ -1,7 +1,9 @@
 """The plan stage: list every input once, sort, cut into shards with fixed ids, write `DST/plan.parquet`.
 
 The listing is accumulated in Arrow arrays, not Python objects, so a prefix of millions of keys
-costs tens of bytes per key in the driver.
+costs tens of bytes per key in the driver; text columns are `large_string` (64-bit offsets), so a
+listing whose URI text passes 2 GiB still sorts. Shards become Python objects only when they are to
+be done (`PlannedShard`, a reference into the plan that is materialized when sent to a worker).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import io
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List, Optional, Sequence
 
 import pyarrow as pa
@@ -22,6 +25,10 @@ from workers.faults import fault_point
 from workers.storage import FileEntry, storage_for
 
 _CHUNK = 65_536
+_TEXT = pa.large_string()
+_COLUMNS = (("source_uri", _TEXT), ("label", _TEXT), ("size", pa.int64()), ("version", _TEXT))
+# Rows hashed per vectorized step in `plan_shards` (bounds the temporary joined text).
+_HASH_ROWS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,45 +68,77 @@ def label_of(uri: str, root: str) -> Optional[str]:
     return paths.basename(parent)
 
 
-def _entries_to_batch(entries: Sequence[FileEntry], root: str) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array([e.uri for e in entries], pa.string()),
-            pa.array([label_of(e.uri, root) for e in entries], pa.string()),
-            pa.array([e.size for e in entries], pa.int64()),
-            pa.array([e.version for e in entries], pa.string()),
-        ],
-        names=["source_uri", "label", "size", "version"],
-    )
+def _empty_listing() -> pa.Table:
+    return pa.table({name: pa.array([], t) for name, t in _COLUMNS})
 
 
-def list_inputs(inputs: Sequence[str]) -> pa.Table:
-    """Lists every image under `inputs`, de-duplicated and sorted by URI."""
-    batches: List[pa.RecordBatch] = []
-    for root in inputs:
-        chunk: List[FileEntry] = []
-        for entry in storage_for(root).list_files(root):
-            fault_point("listing")
-            chunk.append(entry)
-            if len(chunk) >= _CHUNK:
-                batches.append(_entries_to_batch(chunk, root))
-                chunk = []
-        if chunk:
-            batches.append(_entries_to_batch(chunk, root))
-    if not batches:
-        return pa.table(
-            {"source_uri": pa.array([], pa.string()), "label": pa.array([], pa.string()),
-             "size": pa.array([], pa.int64()), "version": pa.array([], pa.string())}
-        )
-    table = pa.Table.from_batches(batches)
-    table = table.take(pc.sort_indices(table, sort_keys=[("source_uri", "ascending")]))
+def list_inputs(inputs: Sequence[str], verify_content: bool = False) -> pa.Table:
+    """Lists every image under `inputs`, de-duplicated and sorted by URI.
+
+    Args:
+        inputs: folders or prefixes (normalized URIs).
+        verify_content: replace each version by `Storage.content_version` (local: a SHA-256 of the
+            bytes, read in a thread pool; S3: the ETag as listed).
+
+    Returns:
+        table (source_uri, label, size, version), text columns `large_string`.
+
+    Raises:
+        StorageError: a root or a folder under it cannot be listed.
+    """
+    chunks = {name: [] for name, _ in _COLUMNS}
+    pool = ThreadPoolExecutor(8) if verify_content else None
+
+    def flush(entries: List[FileEntry], root: str, storage) -> None:
+        versions = ([e.version for e in entries] if pool is None else
+                    list(pool.map(storage.content_version, entries)))
+        chunks["source_uri"].append(pa.array([e.uri for e in entries], _TEXT))
+        chunks["label"].append(pa.array([label_of(e.uri, root) for e in entries], _TEXT))
+        chunks["size"].append(pa.array([e.size for e in entries], pa.int64()))
+        chunks["version"].append(pa.array(versions, _TEXT))
+
+    try:
+        for root in inputs:
+            storage = storage_for(root)
+            chunk: List[FileEntry] = []
+            for entry in storage.list_files(root):
+                fault_point("listing")
+                chunk.append(entry)
+                if len(chunk) >= _CHUNK:
+                    flush(chunk, root, storage)
+                    chunk = []
+            if chunk:
+                flush(chunk, root, storage)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if not chunks["source_uri"]:
+        return _empty_listing()
+    uris = pa.chunked_array(chunks.pop("source_uri"), _TEXT)
+    order = pc.sort_indices(uris)
+    # Column by column, each unsorted column freed once its sorted copy exists: the peak is the
+    # listing plus one column, not two listings.
+    columns = {"source_uri": uris.take(order)}
+    del uris
+    for name, t in _COLUMNS[1:]:
+        columns[name] = pa.chunked_array(chunks.pop(name), t).take(order)
+    del order
+    table = pa.table(columns)
     # Overlapping inputs (a folder and its subfolder) list a file twice: keep the first.
     uris = table.column("source_uri")
     if len(uris) > 1:
         keep = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
-        mask = pa.concat_arrays([pa.array([True]), keep.combine_chunks()])
-        table = table.filter(mask)
+        if not pc.all(keep).as_py():
+            mask = pa.concat_arrays([pa.array([True]), keep.combine_chunks()])
+            table = table.filter(mask)
     return table
+
+
+def _large(table: pa.Table) -> pa.Table:
+    """`table` with its text columns as large_string (a no-op for tables built here)."""
+    fields = [pa.field(f.name, _TEXT) if pa.types.is_string(f.type) else f for f in table.schema]
+    schema = pa.schema(fields)
+    return table if schema.equals(table.schema) else table.cast(schema)
 
 
 def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] = None) -> pa.Table:
@@ -118,6 +157,8 @@ def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] =
     """
     import numpy as np
 
+    listing = _large(listing)
+    previous = _large(previous) if previous is not None else None
     n = listing.num_rows
     uris = listing.column("source_uri")
     if previous is None or previous.num_rows == 0 or n == 0:
@@ -141,18 +182,12 @@ def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] =
         position = (np.arange(n) - np.repeat(starts, counts)).astype(np.int32)
     else:
         position = np.zeros(0, np.int32)
-    table = listing if order is None else listing.take(pa.array(order))
-    return pa.table(
-        {
-            "shard": pa.array(shard, pa.int32()),
-            "position": pa.array(position, pa.int32()),
-            "source_uri": table.column("source_uri"),
-            "label": table.column("label"),
-            "size": table.column("size"),
-            "version": table.column("version"),
-        },
-        schema=PLAN_SCHEMA,
-    )
+    columns = {"shard": pa.array(shard, pa.int32()), "position": pa.array(position, pa.int32())}
+    take = None if order is None else pa.array(order)
+    for name in ("source_uri", "label", "size", "version"):
+        column = listing.column(name)
+        columns[name] = column if take is None else column.take(take)
+    return pa.table(columns, schema=PLAN_SCHEMA)
 
 
 @dataclasses.dataclass
@@ -169,6 +204,7 @@ def plan_changes(previous: Optional[pa.Table], listing: pa.Table, limit: int = 1
     """Counts inputs added, changed (size or version differs) and removed since `previous`."""
     if previous is None:
         return PlanChanges(added=listing.num_rows)
+    listing, previous = _large(listing), _large(previous)
     uris = listing.column("source_uri")
     prev_uris = previous.column("source_uri").combine_chunks()
     prev_index = pc.index_in(uris, value_set=prev_uris)
@@ -183,24 +219,30 @@ def plan_changes(previous: Optional[pa.Table], listing: pa.Table, limit: int = 1
             pc.not_equal(both.column("size"), pc.take(previous.column("size"), idx)),
         )
         changed = pc.sum(differs).as_py() or 0
-    gone = pc.invert(pc.is_in(prev_uris, value_set=uris.combine_chunks() if listing.num_rows else pa.array([], pa.string())))
+    gone = pc.invert(pc.is_in(prev_uris, value_set=uris.combine_chunks() if listing.num_rows else pa.array([], _TEXT)))
     removed_uris = prev_uris.filter(gone)
     return PlanChanges(added=int(added), changed=int(changed), removed=len(removed_uris),
                        removed_uris=removed_uris.slice(0, limit).to_pylist())
 
 
-def read_plan(uri: str) -> Optional[pa.Table]:
-    """The plan written by an earlier run, or None when there is none (or it is unreadable)."""
+def read_plan(uri: str, columns: Optional[Sequence[str]] = None) -> Optional[pa.Table]:
+    """The plan written by an earlier run, or None when there is none (or it is unreadable).
+
+    Args:
+        columns: read only these PLAN_SCHEMA columns (the driver skips `label` and `position`).
+    """
     storage = storage_for(uri)
     try:
         data = storage.read_bytes(uri)
     except (FileNotFoundError, OSError):
         return None
     try:
-        table = pq.read_table(io.BytesIO(data))
-        if not set(PLAN_SCHEMA.names) <= set(table.column_names):
+        names = list(columns or PLAN_SCHEMA.names)
+        if not set(PLAN_SCHEMA.names) <= set(pq.read_schema(io.BytesIO(data)).names):
             return None
-        return table.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+        table = pq.read_table(io.BytesIO(data), columns=names)
+        del data
+        return table.cast(pa.schema([PLAN_SCHEMA.field(n) for n in names], metadata=PLAN_SCHEMA.metadata))
     except (pa.ArrowException, ValueError):
         return None
 
@@ -241,3 +283,79 @@ def iter_shards(plan: pa.Table, shard_size: Optional[int] = None) -> Iterator[Sh
             sizes=part.column("size").to_pylist(),
             versions=part.column("version").to_pylist(),
         )
+
+
+class PlannedShard:
+    """A shard of the plan by reference: id, row range and content hash, no per-input objects.
+
+    It stands in for a `ShardTask` in the driver (`len`, `shard`, `content_hash`, `task()`); when
+    Ray serializes it for a worker it becomes the `ShardTask` (see `__reduce__`), so per-input
+    Python objects exist only for shards being sent, one at a time.
+    """
+
+    __slots__ = ("plan", "shard", "start", "length", "content_hash")
+
+    def __init__(self, plan: pa.Table, shard: int, start: int, length: int, content_hash: str):
+        self.plan, self.shard, self.start, self.length = plan, shard, start, length
+        self.content_hash = content_hash
+
+    def task(self) -> ShardTask:
+        part = self.plan.slice(self.start, self.length)
+        return ShardTask(
+            shard=self.shard,
+            uris=part.column("source_uri").to_pylist(),
+            labels=part.column("label").to_pylist(),
+            sizes=part.column("size").to_pylist(),
+            versions=part.column("version").to_pylist(),
+        )
+
+    @property
+    def uris(self) -> List[str]:
+        return self.task().uris
+
+    def __reduce__(self):
+        t = self.task()
+        return ShardTask, (t.shard, t.uris, t.labels, t.sizes, t.versions)
+
+    def __len__(self):
+        return self.length
+
+    def __repr__(self):
+        return f"shard {self.shard} ({self.length} images)"
+
+
+def plan_shards(plan: pa.Table) -> List[PlannedShard]:
+    """Every shard of the plan as a `PlannedShard`, content hashes computed in Arrow.
+
+    The hash is the one `ShardTask.content_hash` computes (sha256 over "uri\\0version\\n" per
+    input, first 32 hex digits), from the joined text of up to `_HASH_ROWS` rows at a time.
+    """
+    import numpy as np
+
+    ranges = _shard_ranges(plan)
+    shard_col = plan.column("shard").to_numpy()
+    out: List[PlannedShard] = []
+    i = 0
+    while i < len(ranges):
+        j, first = i, ranges[i][0]
+        while j < len(ranges) and (j == i or ranges[j][0] + ranges[j][1] - first <= _HASH_ROWS):
+            j += 1
+        end = ranges[j - 1][0] + ranges[j - 1][1]
+        part = plan.slice(first, end - first)
+        empty, newline, nul = (pa.scalar(v, _TEXT) for v in ("", "\n", "\0"))
+        versions_nl = pc.binary_join_element_wise(part.column("version").cast(_TEXT), empty, newline)
+        joined = pc.binary_join_element_wise(part.column("source_uri").cast(_TEXT), versions_nl, nul)
+        del versions_nl
+        joined = joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+        if joined.null_count:
+            raise ValueError("the plan holds an input without URI or version")
+        _, offsets_buf, data_buf = joined.buffers()
+        offsets = np.frombuffer(offsets_buf, np.int64)[joined.offset:joined.offset + len(joined) + 1]
+        data = memoryview(data_buf)
+        for start, length in ranges[i:j]:
+            lo, hi = offsets[start - first], offsets[start - first + length]
+            out.append(PlannedShard(plan, int(shard_col[start]), start, length,
+                                    hashlib.sha256(data[lo:hi]).hexdigest()[:32]))
+        del joined, data, data_buf, offsets_buf
+        i = j
+    return out

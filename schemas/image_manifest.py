@@ -43,7 +43,7 @@ IMAGE_MANIFEST_SCHEMA = pa.schema(
         ("activations", ACTIVATIONS_TYPE),
         ("activation_grid_uris", pa.list_(pa.string())),  # opt-in channel grids, else empty
         ("source_size", pa.int64()),
-        ("source_version", pa.string()),  # mtime_ns locally, ETag on S3
+        ("source_version", pa.string()),  # "size:mtime_ns" locally (or "sha256:..."), ETag on S3
         ("shard", pa.int32()),
     ],
     metadata={"bulk_explain.schema": "image_manifest", "bulk_explain.schema_version": SCHEMA_VERSION},
@@ -53,10 +53,10 @@ PLAN_SCHEMA = pa.schema(
     [
         ("shard", pa.int32()),
         ("position", pa.int32()),  # index inside the shard
-        ("source_uri", pa.string()),
-        ("label", pa.string()),
+        ("source_uri", pa.large_string()),  # 64-bit offsets: URI text may pass 2 GiB
+        ("label", pa.large_string()),
         ("size", pa.int64()),
-        ("version", pa.string()),
+        ("version", pa.large_string()),
     ],
     metadata={"bulk_explain.schema": "plan", "bulk_explain.schema_version": SCHEMA_VERSION},
 )

@@ -123,7 +123,7 @@ def test_everything_removed_leaves_an_empty_manifest(ray_local, tmp_path):
     img = write_image(os.path.join(root, "a", "x.jpg"), photo_like(np.random.default_rng(1), 30, 30))
     assert run_explain(_config(root, out), progress=False).ok == 1
     os.remove(img)
-    result = run_explain(_config(root, out), progress=False)
+    result = run_explain(_config(root, out, allow_removals=True), progress=False)
     assert result.exit_code == 0 and result.removed_images == 1 and result.removed_shards == 1
     assert result.shards == 0 and os.listdir(os.path.join(out, "manifest")) == []
     assert _files(os.path.join(out, "overlays")) == []

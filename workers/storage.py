@@ -8,6 +8,8 @@ store (S3, GCS, ...) is one more subclass, not a branch in the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import os
 import re
 import stat
@@ -35,7 +37,9 @@ class FileEntry:
     Attributes:
         uri: absolute path or `scheme://bucket/key`.
         size: bytes.
-        version: what changes when the content changes (mtime_ns locally, ETag on S3).
+        version: what changes when the content changes: "SIZE:MTIME_NS" locally (a rewrite that
+            keeps the mtime, as `cp -p` or `rsync -t` do, still changes the size in most cases;
+            `Storage.content_version` covers the rest), the ETag on S3.
     """
 
     uri: str
@@ -61,6 +65,19 @@ class Storage:
 
     def read_bytes(self, uri: str) -> bytes:
         raise NotImplementedError
+
+    def read_tail(self, uri: str, nbytes: int) -> bytes:
+        """The last `nbytes` bytes of `uri` (all of it when shorter): a Parquet footer without
+        reading the data pages. Backends override this with a ranged read."""
+        return self.read_bytes(uri)[-nbytes:]
+
+    def content_version(self, entry: FileEntry) -> str:
+        """A version derived from the bytes themselves (`--verify-content`).
+
+        The base returns `entry.version`: backends whose listing version already is a content
+        hash (S3's ETag) need nothing more. `LocalStorage` reads and hashes the file.
+        """
+        return entry.version
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Writes `data` so that readers see either nothing or all of it (atomic replace)."""
@@ -90,17 +107,29 @@ class Storage:
         raise NotImplementedError
 
 
-_ESCAPED_BYTE = re.compile(rb"\\x([89a-f][0-9a-f])")
+# Local names that are not valid UTF-8 keep their bytes >= 0x80 as "\xNN" escapes (Arrow strings
+# must be UTF-8). To keep the mapping one-to-one, a literal backslash that would read as such an
+# escape ("\x" + two lowercase hex digits) is itself escaped as "\x5c": a file named with the raw
+# byte 0xE9 is "\xe9", one literally named "\xe9" is "\x5cxe9", and decoding gives back the bytes.
+_ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
+_LITERAL_ESCAPE = re.compile(rb"\\(?=x[0-9a-f]{2})")
 
 
 def _printable_path(path: str) -> str:
-    """A path as valid UTF-8 text (Arrow strings must be): a name that is not UTF-8 on disk keeps
-    its bytes >= 0x80 as "\\xNN" escapes, which `LocalStorage` maps back when it opens the file."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as valid UTF-8 text that maps back to exactly one path (see `_decoded_path`)."""
+    if "\\" not in path:
+        try:
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:
+            pass
+    raw = _LITERAL_ESCAPE.sub(rb"\\x5c", os.fsencode(path))
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _decoded_path(path: str) -> bytes:
+    """The raw path bytes behind a `_printable_path` text."""
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), os.fsencode(path))
 
 
 class LocalStorage(Storage):
@@ -115,10 +144,13 @@ class LocalStorage(Storage):
         return os.path.abspath(os.path.expanduser(uri))
 
     def _os_path(self, uri: str):
-        """The path to open: `uri` itself, or the raw bytes behind a `_printable_path` escape."""
+        """The path to open: the raw bytes behind a listed URI's escapes, else `uri` itself (a path
+        that was never listed, e.g. DST, may hold a literal "\\xNN")."""
         path = self._path(uri)
-        if "\\x" in path and not os.path.lexists(path):
-            return _ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), os.fsencode(path))
+        if "\\x" in path:
+            raw = _decoded_path(path)
+            if os.path.lexists(raw) or not os.path.lexists(path):
+                return raw
         return path
 
     def list_files(self, root, extensions=IMAGE_EXTENSIONS):
@@ -126,8 +158,14 @@ class LocalStorage(Storage):
         if not os.path.isdir(root):
             raise StorageError(f"input folder does not exist or is not a folder: {root}")
         seen_dirs = set()
+
+        def unreadable(exc: OSError):
+            # An unreadable folder must not look like "every image in it was removed".
+            raise StorageError(f"cannot list folder {_printable_path(exc.filename or root)}: "
+                               f"{exc.strerror or type(exc).__name__}; fix its permissions or mount") from None
+
         # os.walk(followlinks=True) loops forever on a symlink cycle: remember real dirs visited.
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
             real = os.path.realpath(dirpath)
             if real in seen_dirs:
                 dirnames[:] = []
@@ -141,11 +179,14 @@ class LocalStorage(Storage):
                 path = os.path.join(dirpath, name)
                 try:
                     st = os.stat(path)
-                except OSError:
-                    continue  # dangling symlink: nothing to read
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ELOOP):
+                        continue  # dangling symlink or symlink loop: nothing to read
+                    unreadable(exc)
                 if not stat.S_ISREG(st.st_mode):
                     continue  # a FIFO or device named *.jpg would block or never end a read
-                yield FileEntry(uri=_printable_path(path), size=st.st_size, version=str(st.st_mtime_ns))
+                yield FileEntry(uri=_printable_path(path), size=st.st_size,
+                                version=f"{st.st_size}:{st.st_mtime_ns}")
 
     def list_names(self, prefix_uri):
         root = self._path(prefix_uri)
@@ -158,6 +199,24 @@ class LocalStorage(Storage):
     def read_bytes(self, uri):
         with open(self._os_path(uri), "rb") as f:
             return f.read()
+
+    def read_tail(self, uri, nbytes):
+        with open(self._os_path(uri), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read()
+
+    def content_version(self, entry):
+        """"sha256:" + the first 32 hex digits of the file's SHA-256, read in 1 MiB blocks."""
+        h = hashlib.sha256()
+        try:
+            with open(self._os_path(entry.uri), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            raise StorageError(f"cannot read {entry.uri} to hash it (--verify-content): "
+                               f"{exc.strerror or type(exc).__name__}") from None
+        return "sha256:" + h.hexdigest()[:32]
 
     def write_bytes(self, uri, data):
         path = self._path(uri)
