@@ -7,7 +7,9 @@ its Ray workers.
                                     after_stage, after_marker, after_publish)
     BULK_EXPLAIN_TEST_CRASH_ACTION  exit (default: os._exit, no cleanup), kill (SIGKILL itself),
                                     pause (sleep, so that the test can kill whatever it wants), or
-                                    wait (go on once the test deletes the flag file)
+                                    wait (go on once the test deletes the flag file), or
+                                    hold (go on once the test creates FLAG.go; the flag stays,
+                                    so a retry of the same step does not stop again)
     BULK_EXPLAIN_TEST_CRASH_FLAG    optional file: created with "PID SHARD" when the point fires;
                                     if it already exists the point does not fire again (once only)
 """
@@ -47,6 +49,11 @@ def fault_point(point: str, shard: Optional[int] = None) -> None:
     if action == "wait":
         deadline = time.monotonic() + 120
         while flag and os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
+    if action == "hold":
+        deadline = time.monotonic() + 300
+        while flag and not os.path.exists(flag + ".go") and time.monotonic() < deadline:
             time.sleep(0.05)
         return
     if action == "kill":

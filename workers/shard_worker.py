@@ -67,6 +67,10 @@ class ExplainWorker:
         # Two shards may run at once (actor max_concurrency=2) so one's decode overlaps the other's
         # compute; the compiled step itself runs one batch at a time.
         self.compute_lock = threading.Lock()
+        from workers.reader import ByteBudget
+
+        # Decoded images held by this actor, over both shards in flight (see workers/reader.py).
+        self.byte_budget = ByteBudget(settings.get("max_decoded_bytes") or 2 * 1024**3)
         # Warm the compiled step so the first shard's timing is not the trace.
         h, w = self.loaded.preprocessing.size
         self.step(np.zeros((1, h, w, 3), np.uint8))
@@ -98,7 +102,8 @@ class ExplainWorker:
         rows: List = []  # futures or rows, in plan order
         in_flight = collections.deque()
         max_in_flight = 2 * self.step.batch_size
-        for batch in iter_decoded_batches(task, self.loaded.preprocessing, self.step.batch_size, self.read_pool):
+        for batch in iter_decoded_batches(task, self.loaded.preprocessing, self.step.batch_size, self.read_pool,
+                                          budget=self.byte_budget):
             good = [item for item in batch if item.ok]
             results: Dict[int, dict] = {}
             if good:
