@@ -20,8 +20,8 @@ from typing import Dict, List, Optional
 
 from jobs.config import MAX_REMOVED_SHARE, ConfigError, ExplainConfig
 from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
-from jobs.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, plan_changes, plan_shards,
-                       read_plan, write_plan)
+from jobs.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, match_previous, plan_changes,
+                       plan_shards, read_plan, write_plan)
 from jobs.progress import Progress
 from workers.faults import ENV_PREFIX as _FAULT_ENV_PREFIX, fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
@@ -440,6 +440,14 @@ def _check_removals(config: ExplainConfig, found: int, previous, changes: PlanCh
                           "--allow-removals if the removal is intended")
 
 
+def _release_memory() -> None:
+    """Hands Arrow's freed pages back to the OS after the big temporaries of planning (mimalloc and
+    jemalloc keep them otherwise, which would count towards the driver's peak)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
 def plan_job(config: ExplainConfig, layout: OutputLayout, fingerprint: str) -> PlannedJob:
     """Lists the inputs, plans shards and sorts them into committed, roll-forward and to-do,
     reading only DST (markers and part footers). Nothing is written.
@@ -456,14 +464,16 @@ def plan_job(config: ExplainConfig, layout: OutputLayout, fingerprint: str) -> P
         raise ConfigError(str(exc)) from None
     # The safety check compares with the plan on disk even under --overwrite.
     stored = read_plan(layout.plan, columns=("shard", "source_uri", "size", "version"))
-    changes = plan_changes(stored, listing)
+    matched = match_previous(listing, stored) if stored is not None and listing.num_rows else None
+    changes = plan_changes(stored, listing, prev_index=matched)
     _check_removals(config, listing.num_rows, stored, changes)
     if config.overwrite:
-        stored, changes = None, PlanChanges(added=listing.num_rows)
+        stored, matched, changes = None, None, PlanChanges(added=listing.num_rows)
     # Inputs already planned by an earlier run keep their shard: adding, changing or removing
     # images re-processes only the shards that hold them.
-    plan = make_plan(listing, config.shard_size, previous=stored)
-    del listing, stored
+    plan = make_plan(listing, config.shard_size, previous=stored, prev_index=matched)
+    del listing, stored, matched
+    _release_memory()
     shards = plan_shards(plan)
 
     files = _existing_files(layout)

@@ -28,7 +28,7 @@ _CHUNK = 65_536
 _TEXT = pa.large_string()
 _COLUMNS = (("source_uri", _TEXT), ("label", _TEXT), ("size", pa.int64()), ("version", _TEXT))
 # Rows hashed per vectorized step in `plan_shards` (bounds the temporary joined text).
-_HASH_ROWS = 1 << 20
+_HASH_ROWS = 1 << 18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,16 @@ def _large(table: pa.Table) -> pa.Table:
     return table if schema.equals(table.schema) else table.cast(schema)
 
 
-def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] = None) -> pa.Table:
+def match_previous(listing: pa.Table, previous: pa.Table):
+    """For each listed input, its row in `previous` (numpy int64), -1 for a new input. One hash
+    table over the previous URIs, shared by `plan_changes` and `make_plan`."""
+    listing, previous = _large(listing), _large(previous)
+    index = pc.index_in(listing.column("source_uri"), value_set=previous.column("source_uri").combine_chunks())
+    return pc.fill_null(index, -1).to_numpy().astype("int64")
+
+
+def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] = None,
+              prev_index=None) -> pa.Table:
     """Assigns every listed input a (shard, position).
 
     Without `previous`: row i of the sorted listing goes to shard i // shard_size.
@@ -152,6 +161,9 @@ def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] =
     highest id. Positions are renumbered 0..k-1 inside each shard in URI order. Shards whose inputs
     all disappeared are gone from the plan (ids are then not contiguous).
 
+    Args:
+        prev_index: `match_previous(listing, previous)` when the caller has it already.
+
     Returns:
         PLAN_SCHEMA table sorted by (shard, position).
     """
@@ -160,22 +172,26 @@ def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] =
     listing = _large(listing)
     previous = _large(previous) if previous is not None else None
     n = listing.num_rows
-    uris = listing.column("source_uri")
     if previous is None or previous.num_rows == 0 or n == 0:
         idx = np.arange(n, dtype=np.int64)
         shard = (idx // shard_size).astype(np.int32)
         order = None
     else:
-        prev_index = pc.index_in(uris, value_set=previous.column("source_uri").combine_chunks())
-        kept = pc.is_valid(prev_index).to_numpy(zero_copy_only=False)
+        if prev_index is None:
+            prev_index = match_previous(listing, previous)
+        kept = prev_index >= 0
         shard = np.empty(n, np.int32)
         prev_shards = previous.column("shard").to_numpy()
-        shard[kept] = prev_shards[prev_index.to_numpy(zero_copy_only=False)[kept].astype(np.int64)]
+        shard[kept] = prev_shards[prev_index[kept]]
         first_new = int(prev_shards.max()) + 1
         shard[~kept] = first_new + (np.arange(int((~kept).sum())) // shard_size)
+        del kept, prev_shards
         # Stable sort: the listing is in URI order, so each shard stays in URI order.
         order = np.argsort(shard, kind="stable")
-        shard = shard[order]
+        if np.array_equal(order, np.arange(n)):
+            order = None  # already grouped (the common re-run): the listing's columns are the plan's
+        else:
+            shard = shard[order]
     if n:
         starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]])
         counts = np.diff(np.r_[starts, n])
@@ -200,29 +216,38 @@ class PlanChanges:
     removed_uris: List[str] = dataclasses.field(default_factory=list)  # the first `limit`
 
 
-def plan_changes(previous: Optional[pa.Table], listing: pa.Table, limit: int = 1000) -> PlanChanges:
-    """Counts inputs added, changed (size or version differs) and removed since `previous`."""
+def plan_changes(previous: Optional[pa.Table], listing: pa.Table, limit: int = 1000,
+                 prev_index=None) -> PlanChanges:
+    """Counts inputs added, changed (size or version differs) and removed since `previous`.
+
+    Args:
+        prev_index: `match_previous(listing, previous)` when the caller has it already.
+    """
+    import numpy as np
+
     if previous is None:
         return PlanChanges(added=listing.num_rows)
     listing, previous = _large(listing), _large(previous)
-    uris = listing.column("source_uri")
-    prev_uris = previous.column("source_uri").combine_chunks()
-    prev_index = pc.index_in(uris, value_set=prev_uris)
-    kept = pc.is_valid(prev_index)
-    added = listing.num_rows - pc.sum(kept).as_py() if listing.num_rows else 0
+    if prev_index is None:
+        prev_index = match_previous(listing, previous) if listing.num_rows else np.zeros(0, np.int64)
+    kept = prev_index >= 0
+    added = int(listing.num_rows - kept.sum())
     changed = 0
-    if listing.num_rows:
-        both = listing.filter(kept)
-        idx = prev_index.filter(kept)
+    # In slices: the temporaries (previous versions taken into listing order) stay small.
+    for start in range(0, listing.num_rows, _HASH_ROWS):
+        idx = prev_index[start:start + _HASH_ROWS]
+        taken = pa.array(idx, mask=idx < 0)
+        part = listing.slice(start, len(idx))
         differs = pc.or_(
-            pc.not_equal(both.column("version"), pc.take(previous.column("version"), idx)),
-            pc.not_equal(both.column("size"), pc.take(previous.column("size"), idx)),
+            pc.not_equal(part.column("version"), previous.column("version").take(taken)),
+            pc.not_equal(part.column("size"), previous.column("size").take(taken)),
         )
-        changed = pc.sum(differs).as_py() or 0
-    gone = pc.invert(pc.is_in(prev_uris, value_set=uris.combine_chunks() if listing.num_rows else pa.array([], _TEXT)))
-    removed_uris = prev_uris.filter(gone)
-    return PlanChanges(added=int(added), changed=int(changed), removed=len(removed_uris),
-                       removed_uris=removed_uris.slice(0, limit).to_pylist())
+        changed += pc.sum(differs).as_py() or 0
+    hit = np.zeros(previous.num_rows, bool)
+    hit[prev_index[kept]] = True
+    gone = np.flatnonzero(~hit)
+    removed_uris = previous.column("source_uri").take(pa.array(gone[:limit])).to_pylist()
+    return PlanChanges(added=added, changed=int(changed), removed=len(gone), removed_uris=removed_uris)
 
 
 def read_plan(uri: str, columns: Optional[Sequence[str]] = None) -> Optional[pa.Table]:
