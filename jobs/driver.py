@@ -463,8 +463,10 @@ def plan_job(config: ExplainConfig, layout: OutputLayout, fingerprint: str) -> P
     except StorageError as exc:
         raise ConfigError(str(exc)) from None
     # The safety check compares with the plan on disk even under --overwrite.
+    _release_memory()
     stored = read_plan(layout.plan, columns=("shard", "source_uri", "size", "version"))
     matched = match_previous(listing, stored) if stored is not None and listing.num_rows else None
+    _release_memory()
     changes = plan_changes(stored, listing, prev_index=matched)
     _check_removals(config, listing.num_rows, stored, changes)
     if config.overwrite:

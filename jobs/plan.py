@@ -86,6 +86,8 @@ def list_inputs(inputs: Sequence[str], verify_content: bool = False) -> pa.Table
     Raises:
         StorageError: a root or a folder under it cannot be listed.
     """
+    import numpy as np
+
     chunks = {name: [] for name, _ in _COLUMNS}
     pool = ThreadPoolExecutor(8) if verify_content else None
 
@@ -96,6 +98,7 @@ def list_inputs(inputs: Sequence[str], verify_content: bool = False) -> pa.Table
         chunks["label"].append(pa.array([label_of(e.uri, root) for e in entries], _TEXT))
         chunks["size"].append(pa.array([e.size for e in entries], pa.int64()))
         chunks["version"].append(pa.array(versions, _TEXT))
+        pa.default_memory_pool().release_unused()  # builders' growth, given back each chunk
 
     try:
         for root in inputs:
@@ -116,12 +119,17 @@ def list_inputs(inputs: Sequence[str], verify_content: bool = False) -> pa.Table
         return _empty_listing()
     uris = pa.chunked_array(chunks.pop("source_uri"), _TEXT)
     order = pc.sort_indices(uris)
-    # Column by column, each unsorted column freed once its sorted copy exists: the peak is the
-    # listing plus one column, not two listings.
-    columns = {"source_uri": uris.take(order)}
-    del uris
-    for name, t in _COLUMNS[1:]:
-        columns[name] = pa.chunked_array(chunks.pop(name), t).take(order)
+    if np.array_equal(order.to_numpy(), np.arange(len(order))):
+        order = None  # listed in URI order already (S3 lists keys sorted): no copy at all
+    # Column by column, each unsorted column freed (and its pages given back) once its sorted
+    # copy exists: the peak is the listing plus one column, not two listings.
+    columns = {}
+    for name, t in _COLUMNS:
+        column = uris if name == "source_uri" else pa.chunked_array(chunks.pop(name), t)
+        uris = None
+        columns[name] = column.combine_chunks() if order is None else column.take(order)
+        del column
+        pa.default_memory_pool().release_unused()
     del order
     table = pa.table(columns)
     # Overlapping inputs (a folder and its subfolder) list a file twice: keep the first.
@@ -142,11 +150,46 @@ def _large(table: pa.Table) -> pa.Table:
 
 
 def match_previous(listing: pa.Table, previous: pa.Table):
-    """For each listed input, its row in `previous` (numpy int64), -1 for a new input. One hash
-    table over the previous URIs, shared by `plan_changes` and `make_plan`."""
+    """For each listed input, its row in `previous` (numpy int64), -1 for a new input.
+
+    The listing is sorted by URI; the previous plan is put in URI order by an index (8 bytes a
+    row) and both are matched range by range, `_HASH_ROWS` listed URIs at a time, so the hash
+    table never covers more than one range (a hash table over 10M URIs would cost gigabytes).
+    """
+    import numpy as np
+
     listing, previous = _large(listing), _large(previous)
-    index = pc.index_in(listing.column("source_uri"), value_set=previous.column("source_uri").combine_chunks())
-    return pc.fill_null(index, -1).to_numpy().astype("int64")
+    uris = listing.column("source_uri")
+    prev_uris = previous.column("source_uri")
+    result = np.full(listing.num_rows, -1, np.int64)
+    if not listing.num_rows or not previous.num_rows:
+        return result
+    prev_order = pc.sort_indices(prev_uris).to_numpy()
+    n_prev = len(prev_order)
+
+    def first_above(text: str, lo: int) -> int:
+        # binary search in the previous URIs (URI order): the first one > text
+        hi = n_prev
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if prev_uris[int(prev_order[mid])].as_py() <= text:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    p_lo = 0
+    for start in range(0, listing.num_rows, _HASH_ROWS):
+        part = uris.slice(start, _HASH_ROWS)
+        p_hi = first_above(part[len(part) - 1].as_py(), p_lo)
+        if p_hi > p_lo:
+            rows = prev_order[p_lo:p_hi]
+            local = pc.index_in(part, value_set=prev_uris.take(pa.array(rows)).combine_chunks())
+            local = pc.fill_null(local, -1).to_numpy()
+            found = local >= 0
+            result[start:start + len(part)][found] = rows[local[found]]
+        p_lo = p_hi
+    return result
 
 
 def make_plan(listing: pa.Table, shard_size: int, previous: Optional[pa.Table] = None,
@@ -267,7 +310,14 @@ def read_plan(uri: str, columns: Optional[Sequence[str]] = None) -> Optional[pa.
             return None
         table = pq.read_table(io.BytesIO(data), columns=names)
         del data
-        return table.cast(pa.schema([PLAN_SCHEMA.field(n) for n in names], metadata=PLAN_SCHEMA.metadata))
+        # One chunk per column (the file has one row group per shard): takes and matches on a
+        # column of thousands of chunks would concatenate it again on every call.
+        columns = []
+        for name in names:
+            columns.append(table.column(name).cast(PLAN_SCHEMA.field(name).type).combine_chunks())
+            table = table.drop_columns([name])
+            pa.default_memory_pool().release_unused()
+        return pa.table(columns, schema=pa.schema([PLAN_SCHEMA.field(n) for n in names], metadata=PLAN_SCHEMA.metadata))
     except (pa.ArrowException, ValueError):
         return None
 
