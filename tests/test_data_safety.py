@@ -376,3 +376,22 @@ def test_worker_read_ahead_is_bounded_by_decoded_bytes(tmp_path):
     # the budget plus the one batch the consumer waits for, never the 12-image window
     assert one * 2 <= budget.peak <= 3 * one + 2 * one, budget.peak / one
     assert budget.used == 0
+
+
+def test_part_footer_is_read_with_a_ranged_get_on_s3(s3_bucket, s3_endpoint):
+    from workers.storage_s3 import S3Storage
+    from workers.writer import PART_ATTEMPT, PART_CONTENT_HASH, PART_SHARD, read_part_commit
+
+    storage = S3Storage()
+    table = pa.table({"x": pa.array(np.arange(200_000))})  # a part much larger than its footer
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({PART_SHARD: "7", PART_CONTENT_HASH: "c" * 32,
+                                                  PART_ATTEMPT: "a" * 32}), buf)
+    uri = f"s3://{s3_bucket}/out/manifest/shard-00007.parquet"
+    storage.write_bytes(uri, buf.getvalue())
+    tail = storage.read_tail(uri, 1000)
+    assert tail == buf.getvalue()[-1000:]
+    assert storage.read_tail(uri, 10**9) == buf.getvalue()  # shorter object: all of it
+    info = read_part_commit(storage, uri)
+    assert (info["shard"], info["content_hash"], info["attempt_id"]) == ("7", "c" * 32, "a" * 32)
+    assert read_part_commit(storage, f"s3://{s3_bucket}/out/manifest/shard-00008.parquet") is None

@@ -293,6 +293,22 @@ class S3Storage(Storage):
                 time.sleep(min(2.0, 0.05 * 2 ** attempt) * random.random())
         raise AssertionError("unreachable")
 
+    def read_tail(self, uri, nbytes):
+        """The last `nbytes` of the object in one ranged GET (a Parquet footer; the whole object
+        when it is shorter)."""
+        bucket, key = split_uri(uri)
+        for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+            try:
+                response = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes=-{int(nbytes)}")
+                return response["Body"].read()
+            except self._client_error() as exc:
+                self._raise_os_error(exc, uri)
+            except self._stream_errors():
+                if attempt == BODY_READ_ATTEMPTS:
+                    raise
+                time.sleep(min(2.0, 0.05 * 2 ** attempt) * random.random())
+        raise AssertionError("unreachable")
+
     @staticmethod
     def _content_type(key: str) -> str:
         if key.endswith(".parquet"):
