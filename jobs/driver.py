@@ -480,14 +480,15 @@ def plan_job(config: ExplainConfig, layout: OutputLayout, fingerprint: str) -> P
 
     files = _existing_files(layout)
     found = {} if config.overwrite else _read_markers(storage, layout, [t.shard for t in shards if t.shard in files.markers])
-    matching = {s for s, m in found.items()
-                if m.get("result_fingerprint") == fingerprint}
+    # Markers that commit this plan's shard with this configuration; only their parts' footers are read.
+    matching = {t.shard for t in shards if t.shard in found and found[t.shard].get("result_fingerprint") == fingerprint
+                and found[t.shard].get("content_hash") == t.content_hash}
     parts = _read_part_commits(storage, layout, sorted(s for s in matching if s in files.parts))
     job = PlannedJob(plan=plan, shards=shards, changes=changes, files=files, found=found, markers={},
                      roll_forward=[], todo=[])
     for task in shards:
         marker = found.get(task.shard)
-        if task.shard not in matching or marker.get("content_hash") != task.content_hash:
+        if task.shard not in matching:
             job.todo.append(task)
         elif task.shard in files.parts and marker_agrees(marker, parts.get(task.shard)):
             job.markers[task.shard] = marker

@@ -160,6 +160,8 @@ class LocalStorage(Storage):
         seen_dirs = set()
 
         def unreadable(exc: OSError):
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return  # removed while listing: its images are really gone
             # An unreadable folder must not look like "every image in it was removed".
             raise StorageError(f"cannot list folder {_printable_path(exc.filename or root)}: "
                                f"{exc.strerror or type(exc).__name__}; fix its permissions or mount") from None
