@@ -124,6 +124,13 @@ def ray_startup():
             return record  # Ray's handlers for these never get installed
         return original_signal(signum, handler)
 
+    # The driver's CoreWorker would install Abseil's failure-signal handler, which also takes
+    # SIGTERM at the C level (it dumps a stack and aborts the driver) until our handler is back:
+    # the driver owns its SIGTERM, so its CoreWorker gets none (workers keep theirs).
+    from ray._private import ray_constants
+
+    no_failure_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     for s in deferred:
         if previous[s] is not signal.SIG_IGN:
             original_signal(s, record)
@@ -132,6 +139,7 @@ def ray_startup():
         yield
     finally:
         signal.signal = original_signal
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = no_failure_handler
         for s in deferred:
             if previous[s] is not signal.SIG_IGN:
                 original_signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)
