@@ -30,7 +30,7 @@ FILLER = textwrap.dedent("""
 """)
 
 
-def tiny_model(seed, units=2048):
+def tiny_model(seed, units=8192):
     """A small classifier whose file is a few MB (a big Dense layer), so downloads overlap."""
     import keras
 
