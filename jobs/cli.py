@@ -137,6 +137,10 @@ def explain_config_from_args(args):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from jobs.runtime import EnvironmentProblem, restore_default_signals
+
+    # Ctrl-C must give exit 130 even when started with SIGINT ignored (`cmd &` in a script).
+    restore_default_signals()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = build_parser().parse_args(argv)
@@ -165,6 +169,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except WorkerStartError as exc:
         print(f"bulk-explain: error: {exc}", file=sys.stderr)
         return 1
+    except EnvironmentProblem as exc:
+        print(f"bulk-explain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("bulk-explain: interrupted; committed shards are kept, re-run the same command to resume",
               file=sys.stderr)

@@ -99,8 +99,6 @@ class ExplainConfig:
             raise ConfigError("inputs must be a list of folders/prefixes, received a single string")
         if not self.inputs:
             raise ConfigError("at least one --input is required")
-        if self.s3_endpoint_url:
-            os.environ["BULK_EXPLAIN_S3_ENDPOINT_URL"] = self.s3_endpoint_url
         try:
             inputs = tuple(dict.fromkeys(normalize_uri(i) for i in self.inputs))
             output = normalize_uri(self.output)

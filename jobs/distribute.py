@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from workers.faults import fault_point
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,6 +40,8 @@ def connect(address: Optional[str]) -> bool:
     else:
         # Under `ray job submit` the job's runtime_env (working_dir) is inherited: pass none here.
         ray.init(address=address, logging_level=logging.WARNING)
+    # Ray is up but the caller has not taken its signals back yet (see jobs.runtime.ray_startup).
+    fault_point("ray_started")
     return True
 
 
@@ -87,13 +91,14 @@ class WorkerStartError(RuntimeError):
 class _Slot:
     """One place in the pool: the current actor, its generation, and whether it has loaded."""
 
-    __slots__ = ("actor", "gen", "ready", "load", "failures")
+    __slots__ = ("actor", "gen", "ready", "load", "failures", "alone")
 
     def __init__(self, actor, gen: int):
         self.actor, self.gen = actor, gen
         self.ready = False
         self.load = 0
         self.failures = 0
+        self.alone = None  # key of the suspect unit this actor runs by itself, if any
 
 
 class ActorPool:
@@ -101,6 +106,9 @@ class ActorPool:
 
     Each actor keeps up to `in_flight` units queued so it never waits for the driver. A unit whose
     task fails (actor died, or raised) is retried up to `max_retries` times, then reported failed.
+    An actor that dies holding several units does not say which one killed it: none of them is
+    charged, each is re-run alone on an actor of its own ("suspect"), and only a death while a unit
+    runs alone counts against it, so innocent units never fail because of their neighbour.
     A dead actor is replaced by a fresh one, which gets work only once it has loaded (on a cluster
     that lost a node the replacement may wait for resources while the surviving actors finish the
     job). A slot whose replacements keep failing to start is retired; when no actor is left, or
@@ -154,20 +162,34 @@ class ActorPool:
         from ray.exceptions import RayActorError, RayError
 
         queue: List[tuple] = list(enumerate(units))[::-1]  # pop() from the end = plan order
+        suspects: List[tuple] = []  # units whose actor died under them and others: run alone
         attempts: Dict[int, int] = {}
         pending: Dict[Any, tuple] = {}  # ref -> (key, unit, slot index, generation)
+        died_holding: Dict[tuple, set] = {}  # (slot index, generation) of a dead actor -> its keys
         waiting_since: Optional[float] = None
+
+        def submit(si, slot, key, unit):
+            ref = getattr(slot.actor, method).remote(unit, *extra_args)
+            pending[ref] = (key, unit, si, slot.gen)
+            slot.load += 1
 
         def fill():
             for si, slot in enumerate(self._slots):
-                while queue and slot.ready and slot.actor is not None and slot.load < self._in_flight:
+                if not (slot.ready and slot.actor is not None) or slot.alone is not None:
+                    continue
+                if suspects:
+                    # A suspect waits for an idle actor; busy actors drain (no new work) meanwhile.
+                    if slot.load == 0:
+                        key, unit = suspects.pop()
+                        slot.alone = key
+                        submit(si, slot, key, unit)
+                    continue
+                while queue and slot.load < self._in_flight:
                     key, unit = queue.pop()
-                    ref = getattr(slot.actor, method).remote(unit, *extra_args)
-                    pending[ref] = (key, unit, si, slot.gen)
-                    slot.load += 1
+                    submit(si, slot, key, unit)
 
         fill()
-        while pending or (queue and self._starting):
+        while pending or ((queue or suspects) and self._starting):
             done, _ = ray.wait(list(pending) + list(self._starting), num_returns=1, timeout=1.0)
             if not done:
                 if not pending:  # work is waiting and no actor can take it yet
@@ -185,27 +207,44 @@ class ActorPool:
                 current = slot.gen == gen
                 if current:
                     slot.load -= 1
+                    if slot.alone == key:
+                        slot.alone = None
                 try:
                     value = ray.get(ref)
                 except RayError as exc:
-                    if isinstance(exc, RayActorError) and current:
-                        self._replace(si)
-                    attempts[key] = attempts.get(key, 0) + 1
                     reason = _one_line(exc)
+                    if isinstance(exc, RayActorError):
+                        if (si, gen) not in died_holding:  # the first of the dead actor's units
+                            died_holding[(si, gen)] = {k for k, _, s, g in pending.values()
+                                                       if (s, g) == (si, gen)} | {key}
+                        if current:
+                            self._replace(si)
+                        if len(died_holding[(si, gen)]) > 1:
+                            print(f"[bulk-explain] retrying {unit!r} alone, not counted as an attempt: its "
+                                  f"worker died holding {len(died_holding[(si, gen)])} units ({reason})",
+                                  file=sys.stderr, flush=True)
+                            suspects.insert(0, (key, unit))
+                            continue
+                    attempts[key] = attempts.get(key, 0) + 1
                     if attempts[key] <= max_retries:
                         print(f"[bulk-explain] retrying {unit!r} after: {reason}", file=sys.stderr, flush=True)
-                        queue.append((key, unit))
+                        if isinstance(exc, RayActorError):
+                            suspects.insert(0, (key, unit))  # it killed a worker: keep it alone
+                        else:
+                            queue.append((key, unit))
                     else:
                         on_failed(unit, reason)
                     continue
                 on_done(unit, value)
             fill()
-        if queue:
+        left = suspects[::-1] + queue[::-1]
+        if left:
             why = ("no worker is left: every replacement failed to start" if not self._starting else
                    f"no worker could start within {self.start_timeout_s:.0f}s")
-            for _, unit in reversed(queue):
+            for _, unit in left:
                 on_failed(unit, why)
             queue.clear()
+            suspects.clear()
 
     def _started(self, ref) -> None:
         import ray

@@ -6,14 +6,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import platform
-import re
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
@@ -23,7 +19,10 @@ from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
 from jobs.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, match_previous, plan_changes,
                        plan_shards, read_plan, write_plan)
 from jobs.progress import Progress
-from workers.faults import ENV_PREFIX as _FAULT_ENV_PREFIX, fault_point
+from jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_json as _read_json,
+                          redacted as _redacted, s3_endpoint, s3_storage_configured, sigterm_raises,
+                          worker_env)
+from workers.faults import fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
 from workers.layout import OutputLayout
 from workers.models import ModelError
@@ -154,17 +153,6 @@ def inspect_model(config: ExplainConfig) -> dict:
     return info
 
 
-def _read_json(storage, uri) -> Optional[dict]:
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (FileNotFoundError, KeyError):
-        return None
-    except Exception as exc:
-        if type(exc).__name__ in ("NoSuchKey", "ClientError") or "Not Found" in str(exc) or "404" in str(exc):
-            return None
-        raise
-
-
 @dataclasses.dataclass
 class _OutputFiles:
     """What a previous run left under DST, by shard id."""
@@ -231,61 +219,6 @@ def _staged_matches(storage, uri: str, task, marker: Optional[dict] = None) -> b
     return rows.uris == task.uris and rows.content_hash == task.content_hash
 
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def _redacted(value):
-    """Strips `user:password@` from URLs anywhere in a JSON-like value (job.json never holds secrets)."""
-    if isinstance(value, str):
-        return _USERINFO.sub("***@", value)
-    if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redacted(v) for v in value]
-    return value
-
-
-class JobInterrupted(SystemExit):
-    """SIGTERM while a job runs: raised in the main thread so that workers are stopped and Ray shut
-    down on the way out; the process exits 143 (128 + SIGTERM) unless the caller catches it."""
-
-    def __init__(self):
-        super().__init__(128 + signal.SIGTERM)
-
-
-def _raise_interrupted(signum, frame):
-    global _sigterm_received
-    _sigterm_received = True
-    raise JobInterrupted()
-
-
-_sigterm_owned = False  # True while run_explain owns the SIGTERM handler
-_sigterm_received = False
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    global _sigterm_owned, _sigterm_received
-    _sigterm_received = False
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-        yield  # not ours to change: another thread, or the caller has its own handler
-        return
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    _sigterm_owned = True
-    try:
-        yield
-    finally:
-        _sigterm_owned = False
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _reclaim_sigterm() -> None:
-    """ray.init installs its own SIGTERM handler (sys.exit(15)); put ours back."""
-    if _sigterm_owned and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupted)
-
-
 def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
     """Runs the bulk explain job: every image under `config.inputs` gets a manifest row, a Grad-CAM
     heatmap and overlay; committed shards of a previous identical run are skipped.
@@ -303,7 +236,7 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
         KeyboardInterrupt, JobInterrupted: Ctrl-C / SIGTERM; committed shards are kept and the
             same call resumes.
     """
-    with _sigterm_raises():
+    with sigterm_raises(), s3_storage_configured(config.s3_endpoint_url):
         return _run_explain(config, progress)
 
 
@@ -370,17 +303,18 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     if markers:
         log.message(f"{len(markers)} shards already committed, skipping them")
     try:
-        with _Workers(config, needed=bool(todo), log=log) as workers:
+        with _Workers(config, needed=bool(todo), log=log, model_fingerprint=model_info["fingerprint"]) as workers:
             if todo:
                 workers.run(todo, markers, result, t0)
     except (KeyboardInterrupt, SystemExit) as exc:
-        # Ray's wait() turns an exception raised by a signal handler into SystemExit(1): the flag
-        # says whether it was our SIGTERM.
-        sigterm = isinstance(exc, JobInterrupted) or _sigterm_received
+        # Ray's wait() turns an exception raised by a signal handler into SystemExit(1):
+        # as_job_interrupt says whether it was our SIGTERM.
+        interrupt = as_job_interrupt(exc)
+        sigterm = isinstance(interrupt, JobInterrupted)
         log.message(f"interrupted ({'SIGTERM' if sigterm else type(exc).__name__}); "
                     f"{len(markers)} committed shards are kept, re-run the same command to resume")
-        if sigterm and not isinstance(exc, JobInterrupted):
-            raise JobInterrupted() from None
+        if interrupt is not exc:
+            raise interrupt from None
         raise
     result.processed_shards = len(todo) - len(result.failed_shards)
     for marker in markers.values():
@@ -545,25 +479,34 @@ _DIFFERENT_JOB = ("{output} holds results of a different configuration or model;
 class _Workers:
     """Ray connection and actor pool for one job, started on enter only if there is work."""
 
-    def __init__(self, config: ExplainConfig, needed: bool, log: Progress):
+    def __init__(self, config: ExplainConfig, needed: bool, log: Progress, model_fingerprint: str = ""):
         self.config, self.needed, self.log = config, needed, log
+        self.model_fingerprint = model_fingerprint
         self.pool = None
         self.started = False
 
     def __enter__(self):
         if not self.needed:
             return self
+        try:
+            self._start()
+        except BaseException:
+            # Also a signal deferred during Ray's start-up, raised once it is up: stop that Ray.
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
         config = self.config
-        self.started = connect(config.address)
-        _reclaim_sigterm()
+        with ray_startup():
+            self.started = connect(config.address)
         shape = plan_workers(config.workers, cluster_resources(), config.gpus_per_worker)
         settings = worker_settings(config, config.activation_layers, config.target_layer, shape["tf_threads"])
+        # Explicit, not through runtime_env (which Ray logs): the endpoint URL may hold userinfo.
+        settings["s3_endpoint_url"] = s3_endpoint(config.s3_endpoint_url)
+        settings["model_fingerprint"] = self.model_fingerprint
         # OpenCV reads its pixel cap once, when cv2 loads: set it before the worker imports anything.
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS)}
-        for var in ("BULK_EXPLAIN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            if os.environ.get(var):
-                env[var] = os.environ[var]
-        env.update({k: v for k, v in os.environ.items() if k.startswith(_FAULT_ENV_PREFIX)})
+        env = worker_env({OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS)})
         options = {"num_cpus": shape["num_cpus"], "num_gpus": shape["num_gpus"],
                    "runtime_env": {"env_vars": env}}
         if shape["num_gpus"] == 0 and shape["count"] > 1:
@@ -571,12 +514,7 @@ class _Workers:
         from workers.shard_worker import ExplainWorker
 
         self.log.message(f"starting {shape['count']} worker(s): {shape['num_cpus']} CPU, {shape['num_gpus']} GPU each")
-        try:
-            self.pool = ActorPool(ExplainWorker, (settings,), shape["count"], options)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        self.pool = ActorPool(ExplainWorker, (settings,), shape["count"], options)
 
     def run(self, todo: List[ShardTask], markers: Dict[int, dict], result: JobResult, t0: float) -> None:
         config, log = self.config, self.log

@@ -49,6 +49,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_json, redacted, s3_endpoint,
+                          s3_storage_configured, sigterm_raises, worker_env)
+from workers.faults import fault_point
 from workers.models import ModelError, ModelSpec, model_kinds
 
 ALGORITHM = "lecture-gradient-ascent/1"
@@ -118,8 +121,6 @@ class FiltersConfig:
 
         if not isinstance(self.output, str) or not self.output.strip():
             raise FiltersConfigError("--output is required")
-        if self.s3_endpoint_url:
-            os.environ["BULK_EXPLAIN_S3_ENDPOINT_URL"] = self.s3_endpoint_url
         try:
             output = normalize_uri(self.output)
             storage_for(output)
@@ -453,6 +454,9 @@ class FilterWorker:
         configure_tensorflow(settings.get("tf_threads"))
         import tensorflow as tf
 
+        from workers.storage import configure_storage
+
+        configure_storage("s3", endpoint_url=settings.get("s3_endpoint_url"))
         self.settings = settings
         if loaded is None:
             loaded, size = load_filters_model(ModelSpec(**settings["model"]), settings["size"])
@@ -536,6 +540,7 @@ class FilterWorker:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         self.storage.write_bytes(self.layout.part(key, unit["id"]), sink.getvalue().to_pybytes())
+        fault_point("after_stage")
         marker = {
             "unit": unit["id"],
             "layer": layer,
@@ -554,6 +559,7 @@ class FilterWorker:
             "committed_at": time.time(),
         }
         self.storage.write_bytes(self.layout.marker(key, unit["id"]), json.dumps(marker).encode())
+        fault_point("after_marker")
         return marker
 
 
@@ -612,14 +618,9 @@ def worker_settings(config: FiltersConfig, size: int, fingerprint: str, tf_threa
         "batch_size": config.batch_size,
         "fingerprint": fingerprint,
         "tf_threads": tf_threads,
+        # explicit, not in Ray's runtime_env (which Ray logs): the URL may hold userinfo
+        "s3_endpoint_url": s3_endpoint(config.s3_endpoint_url),
     }
-
-
-def _read_json(storage, uri: str) -> Optional[dict]:
-    try:
-        return json.loads(storage.read_bytes(uri).decode())
-    except Exception:
-        return None
 
 
 def _committed(storage, layout: FiltersLayout, key: str) -> Dict[str, dict]:
@@ -629,7 +630,7 @@ def _committed(storage, layout: FiltersLayout, key: str) -> Dict[str, dict]:
     for uri in storage.list_names(prefix):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".json") and not name.startswith("_tmp"):
-            marker = _read_json(storage, uri)
+            marker = read_json(storage, uri)  # missing (deleted meanwhile): None; unreadable: raises
             if marker is not None:
                 found[name[:-len(".json")]] = marker
     return found
@@ -653,17 +654,15 @@ def _run_units(config: FiltersConfig, settings: dict, todo: List[Dict], key: str
 
     from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
 
-    started = connect(config.address)
-    pool = None
+    started, pool = False, None
     try:
+        with ray_startup():  # a signal meanwhile is honoured once Ray is up, then Ray is stopped
+            started = connect(config.address)
         shape = plan_workers(config.workers, cluster_resources())
         count = min(shape["count"], len(todo)) if config.workers is None else shape["count"]
         settings = dict(settings, tf_threads=shape["tf_threads"])
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-        for var in ("BULK_EXPLAIN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            if os.environ.get(var):
-                env[var] = os.environ[var]
-        options = {"num_cpus": shape["num_cpus"], "num_gpus": shape["num_gpus"], "runtime_env": {"env_vars": env}}
+        options = {"num_cpus": shape["num_cpus"], "num_gpus": shape["num_gpus"],
+                   "runtime_env": {"env_vars": worker_env()}}
         if shape["num_gpus"] == 0 and count > 1:
             options["scheduling_strategy"] = "SPREAD"
         log(f"starting {count} worker(s): {shape['num_cpus']} CPU, {shape['num_gpus']} GPU each")
@@ -689,6 +688,13 @@ def _run_units(config: FiltersConfig, settings: dict, todo: List[Dict], key: str
             log(f"unit {unit['id']} failed after {config.max_unit_retries} retries: {reason}")
 
         pool.run("process", todo, done, failed, max_retries=config.max_unit_retries, extra_args=(key,))
+    except (KeyboardInterrupt, SystemExit) as exc:
+        interrupt = as_job_interrupt(exc)  # Ray's wait() may have re-wrapped our SIGTERM
+        log(f"interrupted ({'SIGTERM' if isinstance(interrupt, JobInterrupted) else type(exc).__name__}); "
+            f"{len(markers)} committed units are kept, re-run the same command to resume")
+        if interrupt is not exc:
+            raise interrupt from None
+        raise
     finally:
         if pool is not None:
             pool.shutdown()
@@ -729,7 +735,13 @@ def _layer_summary(table, layer: str) -> Dict:
 
 def run_filters(config: FiltersConfig) -> FiltersResult:
     """Runs the filters job (see the module docstring). Raises FiltersConfigError / ModelError
-    (ValueErrors) for a bad config or model before any Ray work starts."""
+    (ValueErrors) for a bad config or model before any Ray work starts; KeyboardInterrupt /
+    JobInterrupted (SIGTERM, exit 143) with committed units kept."""
+    with sigterm_raises(), s3_storage_configured(config.s3_endpoint_url):
+        return _run_filters(config)
+
+
+def _run_filters(config: FiltersConfig) -> FiltersResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -758,7 +770,7 @@ def run_filters(config: FiltersConfig) -> FiltersResult:
 
     job = {
         "kind": "filters",
-        "config": config.to_dict(),
+        "config": redacted(config.to_dict()),
         "resolved": {"size": size, "layers": layers, "crop": _crop(size), "geometry": geometry},
         "settings": settings,
         "settings_key": key,

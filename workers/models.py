@@ -170,20 +170,103 @@ def load_model_file(path: str, safe_mode: bool = True):
         raise ModelError(f"cannot load model file {path}: {msg}") from None
 
 
-def _cache_remote_file(uri: str) -> str:
-    from workers.storage import storage_for
+def model_cache_dir() -> str:
+    """Where remote model files are cached: $XDG_CACHE_HOME/bulk-explain/models (~/.cache/...)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "bulk-explain", "models")
 
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    cache = os.path.join(os.path.expanduser("~/.cache/bulk-explain/models"), digest)
-    local = os.path.join(cache, os.path.basename(uri.rstrip("/")))
-    if not os.path.exists(local):
-        os.makedirs(cache, exist_ok=True)
-        data = storage_for(uri).read_bytes(uri)
-        tmp = local + ".part"
+
+def _md5_etag(version: str) -> Optional[str]:
+    """The MD5 an S3 ETag stands for, or None (multipart uploads and other stores' versions)."""
+    v = version.strip('"').lower()
+    return v if len(v) == 32 and all(c in "0123456789abcdef" for c in v) else None
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _matches_source(path: str, source) -> bool:
+    """True when the cached file has the source's size and the sha256 recorded when it was
+    downloaded and verified (the sidecar `.NAME.sha256`)."""
+    try:
+        if os.path.getsize(path) != source.size:
+            return False
+        with open(_sidecar(path)) as f:
+            recorded = f.read().strip()
+        return _sha256_file(path) == recorded
+    except OSError:
+        return False
+
+
+def _sidecar(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.sha256")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    import uuid
+
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex}.part")  # one per writer
+    try:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, local)
-    return local
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _cache_remote_file(uri: str) -> str:
+    """A local copy of the remote model file `uri` that matches the source as it is now.
+
+    Several processes (actors on one node) may fill the cache at once: each downloads to its own
+    temp name, checks the bytes against the source's size and ETag (its MD5 where the ETag is one)
+    and renames atomically, so a reader finds no file or a whole, verified one. The copy lives under
+    a folder keyed by the source's size and ETag (a changed source is fetched again) and is checked
+    before every use: one HEAD on the source, then size and the sha256 recorded at download (about
+    1 s per GB), so a truncated or altered copy is fetched again.
+
+    Raises:
+        ModelError: the file is missing, unreadable, or kept changing while it was downloaded.
+    """
+    from workers.storage import storage_for
+
+    storage = storage_for(uri)
+    name = os.path.basename(uri.rstrip("/"))
+    for _ in range(3):
+        try:
+            source = storage.stat(uri)
+        except FileNotFoundError:
+            raise ModelError(f"model file not found: {uri}") from None
+        except OSError as exc:
+            raise ModelError(f"cannot read model file {uri}: {str(exc).splitlines()[0]}") from None
+        key = hashlib.sha256(f"{source.size}\n{source.version}".encode()).hexdigest()[:16]
+        folder = os.path.join(model_cache_dir(), hashlib.sha256(uri.encode()).hexdigest()[:16], key)
+        local = os.path.join(folder, name)
+        if _matches_source(local, source):
+            return local
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            continue  # deleted or replaced between HEAD and GET: look again
+        except OSError as exc:
+            raise ModelError(f"cannot read model file {uri}: {str(exc).splitlines()[0]}") from None
+        md5 = _md5_etag(source.version)
+        if len(data) != source.size or (md5 is not None and hashlib.md5(data).hexdigest() != md5):
+            continue  # the source changed between HEAD and GET (or a short read): look again
+        os.makedirs(folder, exist_ok=True)
+        # Same source version, same bytes: concurrent writers write identical files.
+        _write_atomically(_sidecar(local), hashlib.sha256(data).hexdigest().encode())
+        _write_atomically(local, data)
+        return local
+    raise ModelError(f"model file {uri} kept changing while it was downloaded (size/ETag differ "
+                     "from the bytes received); try again once it is stable")
 
 
 def read_class_names(path: str) -> List[str]:

@@ -49,9 +49,20 @@ class ExplainWorker:
         from workers.explain_step import ExplainStep
         from workers.layout import OutputLayout
         from workers.models import ModelSpec, load_model
+        from workers.storage import configure_storage
 
         self.settings = settings
+        configure_storage("s3", endpoint_url=settings.get("s3_endpoint_url"))
         self.loaded = load_model(ModelSpec(**settings["model"]))
+        # A model file that differs from the one the driver checked (changed on S3 since, another
+        # copy on this node) must not produce rows under the driver's fingerprint: every shard of
+        # this worker fails with the reason instead.
+        expected, loaded = settings.get("model_fingerprint"), self.loaded.fingerprint()
+        self.model_mismatch = None
+        if expected and loaded != expected:
+            self.model_mismatch = (
+                f"worker loaded a different model than the driver checked (fingerprint {loaded[:12]}, "
+                f"driver {expected[:12]}): the model file or weights differ between machines or changed")
         self.step = ExplainStep(
             self.loaded,
             batch_size=settings["batch_size"],
@@ -91,9 +102,12 @@ class ExplainWorker:
         Returns:
             the commit marker dict (shard, rows, ok, error, seconds, ...).
         """
+        from workers.models import ModelError
         from workers.reader import iter_decoded_batches
         from workers.writer import ShardWriter
 
+        if self.model_mismatch:
+            raise ModelError(self.model_mismatch)
         t0 = time.perf_counter()
         s = self.settings
         writer = ShardWriter(self.layout, task.shard, self.loaded.class_names, self.step.activation_layers,

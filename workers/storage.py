@@ -86,6 +86,14 @@ class Storage:
     def exists(self, uri: str) -> bool:
         raise NotImplementedError
 
+    def stat(self, uri: str) -> FileEntry:
+        """Size and version of one file, as `list_files` reports them.
+
+        Raises:
+            FileNotFoundError: no such file.
+        """
+        raise NotImplementedError
+
     def delete(self, uri: str) -> None:
         """Deletes `uri` if it exists."""
         raise NotImplementedError
@@ -240,6 +248,10 @@ class LocalStorage(Storage):
     def exists(self, uri):
         return os.path.exists(self._path(uri))
 
+    def stat(self, uri):
+        st = os.stat(self._os_path(uri))
+        return FileEntry(uri=uri, size=st.st_size, version=str(st.st_mtime_ns))
+
     def delete(self, uri):
         try:
             os.remove(self._path(uri))
@@ -264,6 +276,26 @@ class LocalStorage(Storage):
 
 _BACKENDS: Dict[str, Callable[[], Storage]] = {"file": LocalStorage}
 _INSTANCES: Dict[str, Storage] = {}
+_OPTIONS: Dict[str, dict] = {}  # scheme -> keyword arguments its backend is built with
+
+
+def configure_storage(scheme: str, **options) -> dict:
+    """Sets the keyword arguments `storage_for` builds the `scheme` backend with in this process
+    (the job's S3 `endpoint_url`: passed explicitly by the driver and by each worker from its
+    settings, never through os.environ). None values are dropped; no options = the defaults.
+
+    Returns:
+        The previous options, to restore them later.
+    """
+    previous = dict(_OPTIONS.get(scheme, {}))
+    options = {k: v for k, v in options.items() if v is not None}
+    if options != previous:
+        if options:
+            _OPTIONS[scheme] = options
+        else:
+            _OPTIONS.pop(scheme, None)
+        _INSTANCES.pop(scheme, None)  # the next storage_for builds one with the new options
+    return previous
 
 
 def register_storage(scheme: str, factory: Callable[[], Storage]) -> None:
@@ -292,7 +324,7 @@ def storage_for(uri: str) -> Storage:
             + ", ".join(f"{s}://" for s in sorted(_BACKENDS) if s != "file")
         )
     if scheme not in _INSTANCES:
-        _INSTANCES[scheme] = _BACKENDS[scheme]()
+        _INSTANCES[scheme] = _BACKENDS[scheme](**_OPTIONS.get(scheme, {}))
     return _INSTANCES[scheme]
 
 

@@ -2,12 +2,14 @@
 
 Importing this module registers the backend (`storage_for("s3://...")` imports it lazily).
 
-Configuration, all from the environment, so that Ray workers see exactly what the driver saw (the
-driver forwards these through the job's `runtime_env` `env_vars`):
+Configuration from the environment, except the endpoint of a job: the driver resolves it once
+(``--s3-endpoint-url``, else the variables below) and hands it to the backend's constructor through
+``workers.storage.configure_storage``, in the driver and in every worker (from the worker settings;
+never through Ray's runtime_env, which Ray logs, nor by writing os.environ):
 
 ``BULK_EXPLAIN_S3_ENDPOINT_URL``
-    Endpoint of an S3-compatible store (MinIO, Ceph, moto), e.g. ``http://10.0.0.5:9000``. Set by
-    the CLI's ``--s3-endpoint-url``. Wins over the two standard variables below.
+    Endpoint of an S3-compatible store (MinIO, Ceph, moto), e.g. ``http://10.0.0.5:9000``.
+    Wins over the two standard variables below; ``--s3-endpoint-url`` wins over it.
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
     boto3's own standard variables (botocore >= 1.31 honours them natively; checked with
     botocore 1.43). Used when the variable above is unset; ``endpoint_url`` in the AWS config file
@@ -390,6 +392,16 @@ class S3Storage(Storage):
                 return False
             self._raise_os_error(exc, uri)
         return bool(response.get("KeyCount") or response.get("Contents"))
+
+    def stat(self, uri):
+        """One HEAD: size and ETag (the version `list_files` reports)."""
+        bucket, key = split_uri(uri)
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except self._client_error() as exc:
+            self._raise_os_error(exc, uri)
+        return FileEntry(uri=uri, size=int(head.get("ContentLength", 0)),
+                         version=str(head.get("ETag", "")).strip('"'))
 
     def delete(self, uri):
         bucket, key = split_uri(uri)
