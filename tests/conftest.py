@@ -38,12 +38,75 @@ def write_image(path, rgb, **params):
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One embedded Ray for the in-process API tests (the CLI tests start their own)."""
+def _short_tempdir(prefix):
+    # Ray puts unix sockets under its temp dir (107-byte path limit): keep it short, not tmp_path.
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_ray_tmpdir():
+    """Every Ray of this session (CLI subprocesses started by module fixtures included) lives
+    under its own temp dir, never the machine-wide /tmp/ray that other sessions share."""
+    import shutil
+
+    mp = pytest.MonkeyPatch()
+    path = _short_tempdir("rs-")
+    mp.setenv("RAY_TMPDIR", path)
+    yield path
+    mp.undo()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch):
+    """Per test: its own Ray temp dir, the environment restored afterwards (whatever the test or
+    the code under test wrote into os.environ), and no storage backend cached across tests."""
+    import shutil
+
+    from workers.storage import reset_storage_cache
+
+    saved = dict(os.environ)
+    path = _short_tempdir("rt-")
+    monkeypatch.setenv("RAY_TMPDIR", path)
+    reset_storage_cache()
+    yield path
+    reset_storage_cache()
+    monkeypatch.undo()
+    for name in set(os.environ) - set(saved) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[name]
+    for name, value in saved.items():
+        if name != "PYTEST_CURRENT_TEST" and os.environ.get(name) != value:
+            os.environ[name] = value
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_local(_isolated):
+    """An embedded Ray for one in-process API test, under the test's own temp dir (the CLI tests
+    start their own): an actor leaked by one test cannot starve the next test's pool."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+    assert not ray.is_initialized(), "a previous test left Ray running"
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, _temp_dir=_isolated,
              runtime_env={"env_vars": {"PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_init_calls(monkeypatch):
+    """Records every ray.init call made by the code under test (and still performs it), so a test
+    can assert that Ray was never started, not only that it is not running afterwards."""
+    import ray
+
+    calls = []
+    real = ray.init
+
+    def recording_init(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", recording_init)
+    return calls

@@ -2,16 +2,21 @@
 
 Fixtures; tests/conftest.py registers them with ``pytest_plugins = ["s3_server"]``:
 
-``s3_endpoint`` (session)
-    Starts moto's server mode (``moto.server.ThreadedMotoServer``) on 127.0.0.1 with a free port and
-    points everything at it for the session: ``BULK_EXPLAIN_S3_ENDPOINT_URL`` and
-    ``AWS_ENDPOINT_URL_S3`` (so the job, boto3 and subprocesses started by the tests, Ray workers
-    included, inherit it), fake credentials, region ``us-east-1``, and no shared config files (a
-    developer's real ``~/.aws`` never takes part). Yields the endpoint URL. Request it before any
-    fixture that starts Ray in-process: Ray's worker processes inherit the environment of the
-    moment Ray starts, and credentials are deliberately not forwarded through runtime_env.
+``s3_server`` (session)
+    Starts moto's server mode (``moto.server.ThreadedMotoServer``) on 127.0.0.1 on a port the OS
+    assigns at start; yields its endpoint URL and touches no environment variable. Module-scoped
+    fixtures use this one.
+``s3_endpoint`` (function)
+    The same URL, and for the duration of one test points everything at it:
+    ``BULK_EXPLAIN_S3_ENDPOINT_URL`` and ``AWS_ENDPOINT_URL_S3`` (so the job, boto3 and
+    subprocesses started by the test, Ray workers included, inherit it), fake credentials, region
+    ``us-east-1``, and no shared config files (a developer's real ``~/.aws`` never takes part). The
+    environment is restored after the test. Request it before any fixture that starts Ray
+    in-process: Ray's worker processes inherit the environment of the moment Ray starts, and
+    credentials are deliberately not forwarded through runtime_env.
 ``s3_client`` (session)
-    A plain boto3 S3 client on that endpoint, for arranging and checking objects.
+    A plain boto3 S3 client on that endpoint with explicit fake credentials, for arranging and
+    checking objects.
 ``s3_bucket`` (function)
     A fresh, empty bucket; yields its name.
 ``s3_proxy`` (function)
@@ -48,6 +53,7 @@ __all__ = [
     "s3_client",
     "s3_endpoint",
     "s3_proxy",
+    "s3_server",
 ]
 
 REGION = "us-east-1"
@@ -69,24 +75,31 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
 def _forget_cached_s3_storage():
     """The storage seam caches one backend per scheme: drop it so the next one reads the new env."""
     try:
-        from workers import storage
+        from workers.storage import reset_storage_cache
     except ImportError:
         return
-    storage._INSTANCES.pop("s3", None)
+    reset_storage_cache()
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
+def s3_server():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
+
+@pytest.fixture
+def s3_endpoint(s3_server, tmp_path):
+    endpoint = s3_server
     mp = pytest.MonkeyPatch()
-    nowhere = str(tmp_path_factory.mktemp("no-aws-config") / "none")
+    nowhere = str(tmp_path / "no-aws-config")
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                  "AWS_ENDPOINT_URL", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
         mp.delenv(name, raising=False)
@@ -105,20 +118,19 @@ def s3_endpoint(tmp_path_factory):
     finally:
         mp.undo()
         _forget_cached_s3_storage()
-        server.stop()
 
 
 @pytest.fixture(scope="session")
-def s3_client(s3_endpoint):
+def s3_client(s3_server):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION,
-                        config=Config(max_pool_connections=32))
+    return boto3.client("s3", endpoint_url=s3_server, region_name=REGION, aws_access_key_id="testing",
+                        aws_secret_access_key="testing", config=Config(max_pool_connections=32))
 
 
 @pytest.fixture
-def s3_bucket(s3_client):
+def s3_bucket(s3_endpoint, s3_client):
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
     return name

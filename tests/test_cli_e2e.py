@@ -98,9 +98,9 @@ def test_cli_job_writes_complete_manifest(finished_job):
         # the peak in the manifest is where the heatmap file is brightest
         py, px = int(row["cam_peak_y"] * size[1]), int(row["cam_peak_x"] * size[0])
         assert heat[min(py, size[1] - 1), min(px, size[0] - 1)] >= heat.max() - 2
-        assert row["pred_label"] in ("cat", "dog") and row["pred_index"] in (0, 1)
-        assert row["pred_score"] >= 0.5
-        assert [t["label"] for t in row["top_k"]][0] == row["pred_label"]
+        assert row["pred_label"] == ("cat", "dog")[row["pred_index"]]
+        assert [t["label"] for t in row["top_k"]] == [row["pred_label"], ("cat", "dog")[1 - row["pred_index"]]]
+        assert [t["score"] for t in row["top_k"]] == pytest.approx([row["pred_score"], 1 - row["pred_score"]], abs=1e-6)
         assert len(row["activations"]) == 8  # 4 conv + 4 pooling layers
         for a in row["activations"]:
             assert 0.0 <= a["zero_fraction"] <= 1.0 and a["max"] >= a["mean"] and a["std"] >= 0
@@ -110,6 +110,27 @@ def test_cli_job_writes_complete_manifest(finished_job):
     # activation grids for the first image of each shard
     grids = [u for r in rows.values() for u in r["activation_grid_uris"]]
     assert grids and all(os.path.exists(u) for u in grids)
+
+
+def test_predictions_equal_keras_on_the_same_files(finished_job):
+    """pred_index / pred_score of the lossless inputs against Keras itself: the same seeded random
+    model, keras.utils.load_img (nearest, 64 px), x/255, model.predict; p = P(dog)."""
+    import keras
+
+    from workers.models import ModelSpec, load_model
+
+    files, out, _, _ = finished_job
+    rows = {r["source_uri"]: r for r in ds.dataset(os.path.join(out, "manifest")).to_table().to_pylist()}
+    lossless = sorted(p for p, size in files.items() if size and p.endswith((".png", ".bmp")))
+    assert len(lossless) >= 6
+    model = load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64)).model
+    x = np.stack([np.asarray(keras.utils.load_img(p, target_size=(64, 64), interpolation="nearest"), np.float32)
+                  for p in lossless]) / 255.0
+    p_dog = model.predict(x, verbose=0)[:, 0]
+    for path, p in zip(lossless, p_dog):
+        row = rows[path]
+        assert row["pred_index"] == int(p > 0.5), path
+        assert row["pred_score"] == pytest.approx(max(p, 1 - p), abs=1e-4), path
 
 
 def test_job_json_and_summary(finished_job):
@@ -124,9 +145,38 @@ def test_job_json_and_summary(finished_job):
     assert summary["shards"] == 4 and summary["images_per_second"] > 0
 
 
-def test_rerun_skips_committed_shards_via_python_m(finished_job):
-    files, out, args, _ = finished_job
-    proc = run_cli(args, module=True)
+def _copy_output(out, tmp_path):
+    """A private copy of the module's output, for a test that writes to it (the module's job stays
+    as the other tests read it, in any order)."""
+    import shutil
+
+    copy = str(tmp_path / "audit")
+    shutil.copytree(out, copy)
+    return copy
+
+
+def _with(args, **changes):
+    """`args` with --flag values replaced (flag_name=value; None removes the flag) or appended."""
+    args = list(args)
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def _snapshot(root):
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_rerun_skips_committed_shards_via_python_m(finished_job, tmp_path):
+    files, shared_out, args, _ = finished_job
+    out = _copy_output(shared_out, tmp_path)
+    proc = run_cli(_with(args, output=out), module=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 shards already committed" in proc.stderr
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -134,12 +184,94 @@ def test_rerun_skips_committed_shards_via_python_m(finished_job):
     assert ds.dataset(os.path.join(out, "manifest")).count_rows() == len(files)
 
 
-def test_changed_config_is_refused(finished_job):
-    _, out, args, _ = finished_job
-    changed = [a if a != "gradcam" else a for a in args] + ["--top-k", "1"]
-    proc = run_cli(changed)
-    assert proc.returncode == 2
-    assert "different configuration" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory):
+    from workers.models import ModelSpec, load_model
+
+    path = str(tmp_path_factory.mktemp("weights") / "other.keras")  # cats_dogs: --weights is a model file
+    load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=1)).model.save(path)
+    return path
+
+
+@pytest.mark.parametrize("change", [
+    {"model": "vgg16", "input_size": 32},
+    {"weights": "OTHER_WEIGHTS"},
+    {"seed": 1},
+    {"input_size": 48},
+    {"interpolation": "bilinear"},
+    {"target_layer": "conv2d_2"},
+    {"activation_layers": "conv2d,conv2d_1"},
+    {"cam_method": "gradcam++"},
+    {"cam_score": "probability"},
+    {"cam_class": "label"},
+    {"top_k": 1},
+    {"activation_grids": 0},
+], ids=lambda change: ",".join(change))
+def test_changed_config_is_refused_before_ray(finished_job, tmp_path, capsys, ray_init_calls, other_weights, change):
+    from jobs.cli import main
+
+    _, shared_out, args, _ = finished_job
+    out = _copy_output(shared_out, tmp_path)
+    change = {k: (other_weights if v == "OTHER_WEIGHTS" else v) for k, v in change.items()}
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(_with(args, output=out, **change)) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and len(err.strip().splitlines()) == 1, err
+    assert ray_init_calls == []  # refused before Ray started
+    assert _snapshot(out) == before  # nothing in DST written, deleted or touched
+
+
+def test_unchanged_config_is_accepted_without_starting_ray(finished_job, tmp_path, capsys, ray_init_calls):
+    """The control for the refusals above: the very same command on the same output is accepted,
+    and with every shard committed it starts no Ray at all."""
+    from jobs.cli import main
+
+    _, shared_out, args, _ = finished_job
+    out = _copy_output(shared_out, tmp_path)
+    assert main(_with(args, output=out)) == 0
+    assert "4 shards already committed" in capsys.readouterr().err
+    assert ray_init_calls == []
+
+
+def test_overwrite_replaces_a_different_configuration(finished_job, tmp_path, capsys):
+    from jobs.cli import main
+
+    files, shared_out, args, _ = finished_job
+    out = _copy_output(shared_out, tmp_path)
+    assert main(_with(args, output=out, top_k=1) + ["--overwrite", "--quiet"]) == 0, capsys.readouterr().err
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["processed_shards"] == 4 and summary["skipped_shards"] == 0
+    job = json.load(open(os.path.join(out, "job.json")))
+    assert job["config"]["top_k"] == 1 and job["config"]["overwrite"] is True
+    rows = ds.dataset(os.path.join(out, "manifest")).to_table().to_pylist()
+    assert sorted(r["source_uri"] for r in rows) == sorted(files)
+    assert all(len(r["top_k"]) == 1 for r in rows if r["status"] == "ok")
+    # and the new configuration is now the one a plain re-run must match
+    assert main(_with(args, output=out, top_k=1) + ["--quiet"]) == 0
+    assert main(_with(args, output=out) + ["--quiet"]) == 2
+
+
+def test_same_config_with_other_weights_in_the_file_is_refused(tmp_path, capsys, ray_init_calls):
+    """The weights file's path is unchanged but its content is not: caught by the model's
+    fingerprint (after the driver loads the model, still before Ray starts)."""
+    from jobs.cli import main
+    from workers.models import ModelSpec, load_model
+
+    write_image(str(tmp_path / "in" / "cats" / "a.png"), photo_like(np.random.default_rng(0), 30, 40))
+    weights = str(tmp_path / "w.keras")  # cats_dogs: --weights is a model file
+    load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=1)).model.save(weights)
+    args = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "cats_dogs",
+            "--weights", weights, "--input-size", "64", "--quiet"]
+    assert main(args) == 0
+    assert len(ray_init_calls) == 1
+    load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=2)).model.save(weights)
+    before = _snapshot(str(tmp_path / "out"))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "different configuration or model" in err and len(err.strip().splitlines()) == 1, err
+    assert len(ray_init_calls) == 1 and _snapshot(str(tmp_path / "out")) == before
 
 
 def test_python_api_vgg16_with_label_class(ray_local, tmp_path):

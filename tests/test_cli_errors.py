@@ -11,7 +11,7 @@ from conftest import REPO, photo_like, write_image
 
 
 def run(args):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
     return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -85,5 +85,19 @@ def test_lambda_layer_refused_without_unsafe_flag(folder, tmp_path):
         keras.layers.Dense(2, activation="softmax"),
     ])
     path = _save(model, tmp_path / "lambda.keras")
-    proc = run(["run", "--input", str(folder), "--output", str(tmp_path / "o"), "--model", "keras", "--model-file", path])
-    assert proc.returncode == 2 and "--unsafe-model-code" in proc.stderr.strip().splitlines()[-1]
+    args = ["run", "--input", str(folder), "--output", str(tmp_path / "o"), "--model", "keras", "--model-file", path]
+    proc = run(args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-1500:]
+    assert "--unsafe-model-code" in lines[0]
+    assert not os.path.exists(tmp_path / "o" / "job.json")
+
+    # the same model with the flag: loaded, explained, one ok row
+    proc = run([*args, "--unsafe-model-code", "--scaling", "rescale"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(str(tmp_path / "o" / "manifest")).to_table().to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["pred_index"] in (0, 1)
+    job = __import__("json").load(open(tmp_path / "o" / "job.json"))
+    assert job["config"]["model"]["unsafe_model_code"] is True

@@ -181,18 +181,15 @@ def test_cli_end_to_end_manifest_images_and_sheets(cli_run):
     assert "as is" in job["ascent_input"]
 
 
-def test_second_run_skips_every_unit(cli_run):
+def test_second_run_skips_every_unit(cli_run, ray_init_calls):
     out, _ = cli_run
     before = pq.read_table(out / "filters" / "manifest.parquet")
     mtimes = {p: os.path.getmtime(p) for p in before.column("image_uri").to_pylist()}
     config = FiltersConfig(output=str(out), model=ModelSpec(kind="vgg16", weights="random"),
                            layers=tuple(LAYERS), size=48, steps=4, filters_per_unit=32,
                            weights_filters=4, weights_channels=5, progress=False)
-    import ray
-
-    was_running = ray.is_initialized()
     result = run_filters(config)
-    assert ray.is_initialized() == was_running  # nothing to compute: Ray was not started
+    assert ray_init_calls == []  # nothing to compute: Ray was not started (not merely stopped again)
     assert result.exit_code == 0
     assert result.units == 4 and result.skipped_units == 4 and result.computed_units == 0
     after = pq.read_table(out / "filters" / "manifest.parquet")
@@ -200,8 +197,12 @@ def test_second_run_skips_every_unit(cli_run):
     assert all(os.path.getmtime(p) == t for p, t in mtimes.items())
 
 
-def test_resume_recomputes_only_uncommitted_unit(cli_run, ray_local):
-    out, _ = cli_run
+def test_resume_recomputes_only_uncommitted_unit(cli_run, ray_local, tmp_path):
+    import shutil
+
+    shared_out, _ = cli_run
+    out = tmp_path / "vis"  # a private copy: the module's output stays as the other tests read it
+    shutil.copytree(shared_out, out)
     before = pq.read_table(out / "filters" / "manifest.parquet")
     key = before.column("settings_key")[0].as_py()
     layout_root = out / "filters"
@@ -219,15 +220,12 @@ def test_resume_recomputes_only_uncommitted_unit(cli_run, ray_local):
                                before.column("activation_end").to_numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_unknown_layer_fails_before_ray(tmp_path):
+def test_unknown_layer_fails_before_ray(tmp_path, ray_init_calls):
     config = FiltersConfig(output=str(tmp_path / "o"), model=ModelSpec(kind="vgg16", weights="random"),
                            layers=("block9_conv9",), size=32, progress=False)
-    import ray
-
-    was_running = ray.is_initialized()
     with pytest.raises(ValueError, match="no layer 'block9_conv9'"):
         run_filters(config)
-    assert ray.is_initialized() == was_running
+    assert ray_init_calls == []
 
 
 def _cli(args, env_extra=None):
@@ -237,7 +235,7 @@ def _cli(args, env_extra=None):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s3_bucket):
+def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s3_bucket, ray_init_calls):
     """Every write goes through the storage seam: the whole job against a real S3 server. The CLI
     runs in a subprocess (its own Ray, whose workers get the endpoint and the credentials from the
     environment as on a real machine)."""
@@ -272,5 +270,7 @@ def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s
     config = FiltersConfig(output=out, model=ModelSpec(kind="keras", model_file=model_file), size=24, steps=3,
                            filters_per_unit=4, weights_filters=3, weights_channels=3, progress=False,
                            s3_endpoint_url=s3_endpoint)
+    calls_before = len(ray_init_calls)
     again = run_filters(config)  # in-process: everything committed, so no Ray is needed
+    assert len(ray_init_calls) == calls_before
     assert again.computed_units == 0 and again.skipped_units == 5 and again.settings_key == key

@@ -58,11 +58,20 @@ def test_keras_kind_reads_size_and_class_names(tmp_path):
         load_model(ModelSpec(kind="keras", model_file=path, class_names_file=str(tmp_path / "two.json")))
 
     # a separate Softmax layer: the CAM score is its input (the logits), not the probability
+    from test_gradcam import reference_cam
     from workers.explain_step import ExplainStep
 
     step = ExplainStep(loaded, batch_size=2)
     images = np.random.default_rng(0).integers(0, 255, (2, 40, 30, 3), dtype=np.uint8)
     out = step(images)
-    probs = model.predict((images / 127.5 - 1).astype("float32"), verbose=0)
+    x = (images / 127.5 - 1).astype("float32")
+    probs = model.predict(x, verbose=0)
     np.testing.assert_allclose(out["top_score"][:, 0], probs.max(axis=1), atol=1e-5)
     assert out["cam"].shape == (2, 38, 28)
+    conv_logits = keras.Model(model.inputs, [model.get_layer("c1").output, model.get_layer("logits").output])
+    for i in range(2):
+        cls = int(np.argmax(probs[i]))
+        by_logit = reference_cam(conv_logits, x[i], cls, score="logit")
+        by_probability = reference_cam(conv_logits, x[i], cls, score="probability")
+        assert np.abs(by_logit - by_probability).max() > 0.05  # the assertion below can tell them apart
+        np.testing.assert_allclose(out["cam"][i], by_logit, atol=1e-4)

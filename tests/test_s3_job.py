@@ -169,7 +169,7 @@ def small_objects(s3_client, bucket, prefix):
 
 
 @pytest.fixture(scope="module")
-def s3_input(s3_endpoint, s3_client, images):
+def s3_input(s3_server, s3_client, images):
     bucket = new_bucket(s3_client)
     put_objects(s3_client, bucket, {f"in/{rel}": data for rel, data in images.items()})
     # Listed but never planned: a non-image and a hidden folder under the prefix, a sibling prefix.
@@ -180,30 +180,32 @@ def s3_input(s3_endpoint, s3_client, images):
 
 
 @pytest.fixture(scope="module")
-def s3_to_s3(s3_endpoint, s3_client, s3_input):
+def s3_to_s3(s3_server, s3_client, s3_input):
+    """The first run, and what it wrote, read right away: a later test re-runs into the same
+    output (rewriting summary.json), so the checks of this run must not read it again later."""
     args = ["--input", f"s3://{s3_input}/in/", "--output", f"s3://{s3_input}/out/"]
-    proc = run_cli(args, s3_endpoint)
-    return args, proc
+    proc = run_cli(args, s3_server)
+    written = small_objects(s3_client, s3_input, "out")
+    return args, proc, written
 
 
 def test_s3_to_s3(s3_to_s3, s3_endpoint, s3_client, s3_input, images):
-    _, proc = s3_to_s3
+    _, proc, written = s3_to_s3
     assert f"shards {N_SHARDS}/{N_SHARDS}" in proc.stderr
     rows = read_manifest_s3(s3_endpoint, s3_input, "out")
     check_rows(rows, images, f"s3://{s3_input}/in", f"s3://{s3_input}/out", s3_client)
     assert sorted({r["shard"] for r in rows}) == list(range(N_SHARDS))
 
-    job = json.loads(get_object(s3_client, f"s3://{s3_input}/out/job.json"))
-    summary = json.loads(get_object(s3_client, f"s3://{s3_input}/out/summary.json"))
+    job = json.loads(written["out/job.json"])
+    summary = json.loads(written["out/summary.json"])
     assert [i.rstrip("/") for i in job["config"]["inputs"]] == [f"s3://{s3_input}/in"]
     assert job["config"]["s3_endpoint_url"] == s3_endpoint  # where, never who
     assert summary["ok"] == len(images) - 1 and summary["errors"] == 1
     assert summary["shards"] == N_SHARDS and summary["processed_shards"] == N_SHARDS
     for marker in range(N_SHARDS):
         get_object(s3_client, f"s3://{s3_input}/out/_commits/shard-{marker:05d}.json")
-    blobs = small_objects(s3_client, s3_input, "out")
-    assert {"out/job.json", "out/summary.json", "out/plan.parquet"} <= set(blobs)
-    check_no_credentials(blobs)
+    assert {"out/job.json", "out/summary.json", "out/plan.parquet"} <= set(written)
+    check_no_credentials(written)
 
 
 def test_manifest_through_the_jobs_own_filesystem(s3_to_s3, s3_endpoint, s3_input):
@@ -218,7 +220,7 @@ def test_manifest_through_the_jobs_own_filesystem(s3_to_s3, s3_endpoint, s3_inpu
 
 
 def test_second_run_skips_committed_shards(s3_to_s3, s3_endpoint, s3_client, s3_input, images):
-    args, _ = s3_to_s3
+    args, _, _ = s3_to_s3
     before = {k: v for k, v in small_objects(s3_client, s3_input, "out").items() if "manifest/" in k}
     proc = run_cli(args, s3_endpoint)
     assert f"{N_SHARDS} shards already committed" in proc.stderr
@@ -265,11 +267,54 @@ def test_s3_to_s3_through_throttling_proxy(s3_endpoint, s3_client, s3_input, ima
                        proxy.endpoint_url)
         throttled, resets, distinct = proxy.throttled, proxy.resets, proxy.distinct
         puts = proxy.requests_matching("PUT")
-    # The job's requests really went through the proxy, and a real share of them failed first.
-    assert distinct >= 3 * len(DATASET) and throttled >= distinct // 3 - 1 and resets >= 1
+        log = list(proxy.log)
+    # The job's requests really went through the proxy, faults were injected, and every request
+    # that met a fault was sent again by the job (botocore's retries) until it went through: a
+    # client that gave up after a 503 or a reset would leave a faulted request with no later
+    # successful attempt.
+    assert distinct >= 3 * len(DATASET) and throttled >= 1 and resets >= 1
+    faulted = {(m, p) for m, p, fault in log if fault}
+    went_through = {(m, p) for m, p, fault in log if fault is None}
+    assert faulted and faulted <= went_through, sorted(faulted - went_through)[:5]
     assert any("/throttled/manifest/" in p for p in puts) and any("/throttled/_commits/" in p for p in puts)
     assert "retrying" not in proc.stderr  # botocore's retries absorbed it: no shard had to be redone
     rows = read_manifest_s3(s3_endpoint, s3_input, "throttled")
     check_rows(rows, images, f"s3://{s3_input}/in", f"s3://{s3_input}/throttled", s3_client)
     summary = json.loads(get_object(s3_client, f"s3://{s3_input}/throttled/summary.json"))
     assert summary["ok"] == len(images) - 1 and summary["errors"] == 1 and summary["failed_shards"] == []
+
+
+def test_incremental_rerun_after_an_etag_change(s3_endpoint, ray_local, s3_client, images):
+    """On S3 an object's version is its ETag: re-uploading the same bytes (new LastModified, same
+    ETag) redoes nothing, new bytes under the same key redo that one shard and replace its row."""
+    from jobs import ExplainConfig, ModelSpec, run_explain
+
+    bucket = new_bucket(s3_client)
+    keys = sorted(rel for rel, size in DATASET.items() if size is not None)[:4]
+    put_objects(s3_client, bucket, {f"in/{rel}": images[rel] for rel in keys})
+    config = ExplainConfig(inputs=(f"s3://{bucket}/in",), output=f"s3://{bucket}/out", batch_size=2, shard_size=2,
+                           model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
+    first = run_explain(config, progress=False)
+    assert first.exit_code == 0 and first.ok == 4 and first.processed_shards == 2
+
+    def rows():
+        fs, path = arrow_fs(s3_endpoint), f"{bucket}/out/manifest"
+        return {r["source_uri"]: r for r in ds.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()}
+
+    before = rows()
+    same, changed = keys[0], keys[3]  # in shards 0 and 1
+    put_objects(s3_client, bucket, {f"in/{same}": images[same]})  # same bytes: same ETag
+    new_bytes = _encode(changed, DATASET[changed], np.random.default_rng(99))
+    assert new_bytes != images[changed]
+    put_objects(s3_client, bucket, {f"in/{changed}": new_bytes})
+    second = run_explain(config, progress=False)
+    assert second.exit_code == 0
+    assert (second.changed_images, second.added_images, second.removed_images) == (1, 0, 0)
+    assert (second.processed_shards, second.skipped_shards) == (1, 1)
+    after = rows()
+    assert sorted(after) == sorted(before)
+    uri = f"s3://{bucket}/in/{changed}"
+    assert after[uri]["image_id"] == hashlib.sha256(new_bytes).hexdigest() != before[uri]["image_id"]
+    assert after[uri]["source_version"] != before[uri]["source_version"]
+    for key in keys[:2]:  # shard 0 was skipped: its rows are the very same
+        assert after[f"s3://{bucket}/in/{key}"] == before[f"s3://{bucket}/in/{key}"]

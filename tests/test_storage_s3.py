@@ -22,7 +22,7 @@ from s3_server import FaultyS3Proxy, populate_bucket
 from workers.storage import FileEntry, StorageError, storage_for
 from workers.storage_s3 import S3Storage, split_uri
 
-# The S3 fixtures (s3_endpoint, s3_client, s3_bucket, s3_proxy). tests/conftest.py should register
+# The S3 fixtures (s3_server, s3_endpoint, s3_client, s3_bucket, s3_proxy). tests/conftest.py should register
 # the same plugin first; naming it here too keeps this file runnable on its own.
 pytest_plugins = ["s3_server"]
 
@@ -34,7 +34,7 @@ def _md5(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def big_prefix(s3_endpoint, s3_client):
+def big_prefix(s3_server, s3_client):
     """A bucket with 5,000 images under `big/` in 50 folders, plus things listing must skip."""
     bucket = "test-big-listing"
     s3_client.create_bucket(Bucket=bucket)

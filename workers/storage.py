@@ -303,6 +303,12 @@ def register_storage(scheme: str, factory: Callable[[], Storage]) -> None:
     _BACKENDS[scheme] = factory
 
 
+def reset_storage_cache() -> None:
+    """Forgets the cached backend instances, so the next `storage_for` builds them again from the
+    current environment (tests change endpoints and credentials between cases)."""
+    _INSTANCES.clear()
+
+
 def scheme_of(uri: str) -> str:
     if "://" in uri:
         return uri.split("://", 1)[0].lower()
