@@ -14,6 +14,8 @@ frame) rather than at an object.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from jobs.audit.checks import AuditContext, Check, Finding, register_check
@@ -49,8 +51,11 @@ def eigengap_clusters(x: np.ndarray, max_clusters: int, seed: int = 0):
     k = int(np.argmax(gaps)) + 1 if len(gaps) else 1
     if k == 1:
         return np.zeros(n, np.int64), 1, eigenvalues
-    labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
-                                assign_labels="cluster_qr").fit_predict(affinity)
+    with warnings.catch_warnings():
+        # A kNN graph of well-separated strategies is often disconnected: that is the point here.
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
+                                    assign_labels="cluster_qr").fit_predict(affinity)
     return np.asarray(labels, np.int64), k, eigenvalues
 
 
