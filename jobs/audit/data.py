@@ -46,10 +46,11 @@ def _list_matrix(column: pa.Array, width: int, dtype, fill) -> np.ndarray:
     n = len(column)
     out = np.full((n, width), fill, dtype)
     lengths = _np(pc.list_value_length(column), np.int64, 0)
-    values = column.flatten()
-    if isinstance(values.type, pa.StructType):
-        raise TypeError("use struct fields")
-    flat = np.asarray(values.to_numpy(zero_copy_only=False), dtype)
+    flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype)
+    full = lengths == width
+    if np.all(full | (lengths == 0)):  # every row complete or empty (cam_small): one reshape
+        out[full] = flat.reshape(-1, width)
+        return out
     rows = np.repeat(np.arange(n), lengths)
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     keep = cols < width

@@ -37,16 +37,26 @@ def eigengap_clusters(x: np.ndarray, max_clusters: int, seed: int = 0):
     Returns:
         (labels [n], k, the smallest eigenvalues of the normalized Laplacian).
     """
+    import scipy.sparse
     from scipy.linalg import eigh
     from scipy.sparse.csgraph import laplacian
+    from scipy.sparse.linalg import eigsh
     from sklearn.cluster import SpectralClustering
     from sklearn.neighbors import kneighbors_graph
 
     n = len(x)
     graph = kneighbors_graph(x, min(NEIGHBOURS, n - 1), mode="connectivity", include_self=False)
-    affinity = (0.5 * (graph + graph.T)).toarray()
+    affinity = (0.5 * (graph + graph.T)).tocsr()
     top = min(max_clusters, n - 1)
-    eigenvalues = eigh(laplacian(affinity, normed=True), eigvals_only=True, subset_by_index=[0, top])
+    lap = laplacian(affinity, normed=True)
+    if n <= 300:
+        eigenvalues = eigh(lap.toarray(), eigvals_only=True, subset_by_index=[0, top])
+    else:
+        # The smallest eigenvalues of L are 1 - the largest of I - L (sparse, converges in a few
+        # Lanczos steps), where a dense solver costs O(n^3).
+        shifted = scipy.sparse.identity(n, format="csr") - lap
+        v0 = np.full(n, 1.0 / np.sqrt(n))  # fixed start vector: the same clusters every audit
+        eigenvalues = np.sort(1.0 - eigsh(shifted, k=top + 1, which="LA", v0=v0, return_eigenvectors=False))
     gaps = np.diff(eigenvalues)[:max_clusters]
     k = int(np.argmax(gaps)) + 1 if len(gaps) else 1
     if k == 1:
