@@ -1,7 +1,8 @@
 """`bulk-explain` command line: a thin layer over the Python API (jobs.run_explain, ...).
 
 Exit codes: 0 the job finished (per-image errors are manifest rows), 1 shards failed or the error
-rate passed --max-error-rate, 2 bad command line or configuration (one line on stderr).
+rate passed --max-error-rate, 2 bad command line or configuration (one line on stderr), 3 an audit
+gate failed (one line per failed gate), 5 a missing optional dependency (the audit extra).
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="detect changed images by a SHA-256 of their bytes, not size+mtime "
                           "(reads every input in full on every run)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    from jobs.audit import cli as audit_cli
+
+    run.add_argument("--audit", action="store_true", help="audit the output after a successful run (exit 3 if a --gate fails)")
+    audit_cli.add_gate_arguments(run)
+    audit = sub.add_parser("audit", help="audit an explain output: label issues, drift, where the model looks, gates")
+    audit_cli.add_arguments(audit)
 
     try:
         from jobs import filters_job
@@ -152,12 +159,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
+        if args.command == "audit" or getattr(args, "audit", False) or getattr(args, "gate", None):
+            audit_config = _audit_config(args)
+            if audit_config is None:
+                return 5
+        if args.command == "audit":
+            return _run_audit(audit_config, args)
         if args.command == "run":
             from jobs.driver import run_explain
 
             config = explain_config_from_args(args).validated()
             import_tensorflow_quietly()
             result = run_explain(config, progress=not args.quiet)
+            if args.audit and result.exit_code == 0:
+                return _run_audit(audit_config, args)
         else:
             from jobs import filters_job
 
@@ -177,6 +192,30 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 130
     return int(getattr(result, "exit_code", 0))
+
+
+def _audit_config(args):
+    """The audit's validated config, or None after a one-line message when the extra is missing."""
+    from jobs import audit
+    from jobs.audit import cli as audit_cli
+
+    if args.command == "run" and args.gate and not args.audit:
+        raise ValueError("--gate applies to the audit: add --audit (or run `bulk-explain audit --gate ...`)")
+    try:
+        audit.require_dependencies()
+    except ImportError as exc:
+        print(f"bulk-explain: error: {exc}", file=sys.stderr)
+        return None
+    return audit_cli.config_from_args(args, output=args.output)
+
+
+def _run_audit(config, args) -> int:
+    from jobs.audit import run_audit
+
+    result = run_audit(config, progress=not args.quiet)
+    for line in result.failed_gates:
+        print(f"bulk-explain: {line}", file=sys.stderr)
+    return result.exit_code
 
 
 if __name__ == "__main__":

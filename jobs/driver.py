@@ -38,6 +38,7 @@ class JobResult:
         output: the output root.
         images: inputs in the plan.
         ok, errors: manifest rows by status (all committed shards, including skipped ones).
+        empty_maps: ok rows whose CAM is all zeros (no peak; try --cam-method layercam).
         shards, skipped_shards, processed_shards: shard counts.
         failed_shards: shard ids given up after retries (their images have no rows yet).
         removed_shards: shards of the previous plan that are gone (all their inputs removed).
@@ -76,6 +77,7 @@ class JobResult:
     startup_seconds: float = 0.0
     processing_seconds: float = 0.0
     error_rate_exceeded: bool = False
+    empty_maps: int = 0  # ok rows whose CAM is all zeros (null peaks, cam_empty in the manifest)
 
     @property
     def exit_code(self) -> int:
@@ -320,6 +322,7 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     for marker in markers.values():
         result.ok += marker["ok"]
         result.errors += marker["error"]
+        result.empty_maps += marker.get("empty_maps", 0)
     result.seconds = time.perf_counter() - t0
     failed = set(result.failed_shards)
     result.images_processed = sum(len(t) for t in todo if t.shard not in failed)
@@ -329,6 +332,9 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     summary = result.to_dict()
     summary["finished_at"] = time.time()
     storage.write_bytes(layout.summary_json, json.dumps(summary, indent=2).encode())
+    if result.empty_maps:
+        log.message(f"{result.empty_maps} images have an all-zero {config.cam_method} map (null peaks, "
+                    f"cam_empty in the manifest); --cam-method layercam or gradcam++ localizes them")
     log.finish(result)
     return result
 

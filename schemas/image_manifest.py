@@ -7,6 +7,10 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "1"
 
+# 14x14: VGG16's target layer at 224 px is 14x14 (stored without loss) and the lecture's convnet at
+# 150 px is 7x7 (stored exactly, upsampled 2x); 196 float16 values = 392 bytes per row.
+CAM_SMALL_SIZE = 14
+
 TOP_K_TYPE = pa.list_(
     pa.struct([("index", pa.int32()), ("label", pa.string()), ("score", pa.float32())])
 )
@@ -45,6 +49,13 @@ IMAGE_MANIFEST_SCHEMA = pa.schema(
         ("source_size", pa.int64()),
         ("source_version", pa.string()),  # "size:mtime_ns" locally (or "sha256:..."), ETag on S3
         ("shard", pa.int32()),
+        # An all-zero CAM (every channel weight <= 0 after the ReLU) explains nothing: its peaks are
+        # null and this flag is true, so readers never take it for "looks at the top-left pixel".
+        ("cam_empty", pa.bool_()),
+        # The CAM at a fixed CAM_SMALL_SIZE x CAM_SMALL_SIZE grid (row-major, 0..1, float16), so
+        # audits cluster and measure maps without decoding heatmap PNGs; null on error rows.
+        ("cam_small", pa.list_(pa.float16())),
+        ("cam_small_shape", pa.list_(pa.int32())),  # [rows, cols]
     ],
     metadata={"bulk_explain.schema": "image_manifest", "bulk_explain.schema_version": SCHEMA_VERSION},
 )

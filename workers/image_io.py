@@ -137,12 +137,31 @@ def overlay_bgr(bgr: np.ndarray, heat_u8: np.ndarray, intensity: float = 0.4) ->
     return cv2.addWeighted(jet, float(intensity), bgr, 1.0, 0.0)
 
 
-def cam_peak(cam_full: np.ndarray) -> Tuple[float, float]:
-    """(x, y) of the heatmap maximum as 0..1 fractions of width/height (pixel centres)."""
+def cam_is_empty(cam: np.ndarray) -> bool:
+    """True when the map is all zeros (or not finite): it explains nothing and has no peak."""
+    peak = float(np.max(cam)) if cam.size else 0.0
+    return not (np.isfinite(peak) and peak > 0.0)
+
+
+def cam_peak(cam_full: np.ndarray) -> Tuple[Optional[float], Optional[float]]:
+    """(x, y) of the heatmap maximum as 0..1 fractions of width/height (pixel centres), or
+    (None, None) for an empty (all-zero) map, whose argmax would be the top-left pixel."""
+    if cam_is_empty(cam_full):
+        return None, None
     h, w = cam_full.shape
     idx = int(np.argmax(cam_full))
     y, x = divmod(idx, w)
     return (x + 0.5) / w, (y + 0.5) / h
+
+
+def cam_small(cam: np.ndarray, size: int) -> np.ndarray:
+    """The CAM at the target layer's resolution resized to a fixed size x size grid (float32,
+    0..1): area-averaged when shrinking, bilinear when growing, so every row has the same shape."""
+    cam = np.nan_to_num(cam.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    h, w = cam.shape
+    shrink = h >= size and w >= size
+    small = cv2.resize(cam, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.clip(small, 0.0, 1.0)
 
 
 def channel_grid(activation: np.ndarray, images_per_row: int = 16, margin: int = 1) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
+from schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
 from workers import image_io
 from workers.faults import fault_point
 from workers.layout import OutputLayout
@@ -144,6 +144,7 @@ class ShardWriter:
                 self.storage.write_bytes(uri, image_io.encode_png(image_io.channel_grid(maps)))
                 grid_uris.append(uri)
             peak_x, peak_y = image_io.cam_peak(cam_full)
+            small = image_io.cam_small(result["cam"], CAM_SMALL_SIZE)
             pred = int(result["pred_index"])
             stats = result["stats"]
             row.update(
@@ -157,8 +158,11 @@ class ShardWriter:
                 gradcam_index=int(result["cam_index"]),
                 gradcam_overlay_uri=overlay_uri,
                 gradcam_heatmap_uri=heat_uri,
-                cam_peak_x=float(peak_x),
-                cam_peak_y=float(peak_y),
+                cam_peak_x=peak_x,
+                cam_peak_y=peak_y,
+                cam_empty=image_io.cam_is_empty(result["cam"]),
+                cam_small=small.ravel().tolist(),
+                cam_small_shape=list(small.shape),
                 activations=[
                     {"layer": name, "mean": float(s[0]), "std": float(s[1]), "max": float(s[2]),
                      "zero_fraction": float(s[3])}
@@ -195,6 +199,7 @@ class ShardWriter:
             "rows": len(rows),
             "ok": ok,
             "error": len(rows) - ok,
+            "empty_maps": sum(1 for r in rows if r.get("cam_empty")),
             "content_hash": content_hash,
             "attempt_id": attempt_id,
             "result_fingerprint": result_fingerprint,
