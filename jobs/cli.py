@@ -1,7 +1,8 @@
 """`bulk-explain` command line: a thin layer over the Python API (jobs.run_explain, ...).
 
 Exit codes: 0 the job finished (per-image errors are manifest rows), 1 shards failed or the error
-rate passed --max-error-rate, 2 bad command line or configuration (one line on stderr).
+rate passed --max-error-rate, 2 bad command line or configuration (one line on stderr), 4 the output
+is busy (another run holds its lease, DST/_lease.json; one line naming the holder).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph...)")
 
 
+def _add_lease_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+                   help="when another run holds the output, wait up to this long for it (else exit 4)")
+    p.add_argument("--break-lease", action="store_true",
+                   help="DANGEROUS: take the output's lease from its holder at once (only if that run is dead)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bulk-explain", description="Bulk explanation of Keras CNN classifiers on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -76,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit 1 when more than this fraction of images are error rows")
     run.add_argument("--overwrite", action="store_true", help="recompute everything in DST")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_lease_arguments(run)
 
     try:
         from jobs import filters_job
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     if filters_job is not None:
         filters = sub.add_parser("filters", help="visualize every filter of conv layers by gradient ascent")
         filters_job.add_arguments(filters)
+        _add_lease_arguments(filters)
     return parser
 
 
@@ -128,6 +138,16 @@ def explain_config_from_args(args):
     )
 
 
+def _lease_options(args):
+    from workers.lease import LeaseOptions
+
+    if args.wait_for_lease < 0:
+        raise ValueError(f"--wait-for-lease must be >= 0 seconds, received {args.wait_for_lease:g}")
+    options = LeaseOptions(wait_seconds=args.wait_for_lease, break_lease=args.break_lease)
+    options.duration()  # a bad BULK_EXPLAIN_LEASE_SECONDS is a one-line exit 2 before any work
+    return options
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
@@ -136,22 +156,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(exc))
     from jobs.config import ConfigError
     from jobs.distribute import WorkerStartError
+    from workers.lease import OutputBusy
     from workers.tf_runtime import import_tensorflow_quietly
 
     try:
         # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
+        lease = _lease_options(args)
         if args.command == "run":
             from jobs.driver import run_explain
 
             config = explain_config_from_args(args).validated()
             import_tensorflow_quietly()
-            result = run_explain(config, progress=not args.quiet)
+            result = run_explain(config, progress=not args.quiet, lease=lease)
         else:
             from jobs import filters_job
 
             config = filters_job.config_from_args(args)
             import_tensorflow_quietly()
-            result = filters_job.run_filters(config)
+            result = filters_job.run_filters(config, lease=lease)
+    except OutputBusy as exc:
+        print(f"bulk-explain: error: {exc}", file=sys.stderr)
+        return OutputBusy.exit_code
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     except WorkerStartError as exc:

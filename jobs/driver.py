@@ -25,6 +25,7 @@ from jobs.progress import Progress
 from workers.faults import ENV_PREFIX as _FAULT_ENV_PREFIX, fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
 from workers.layout import OutputLayout
+from workers.lease import LeaseOptions, hold_output_lease
 from workers.models import ModelError
 from workers.storage import StorageError, is_temp_name
 
@@ -268,30 +269,33 @@ def _reclaim_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
-def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
+def run_explain(config: ExplainConfig, progress: bool = True, lease: Optional[LeaseOptions] = None) -> JobResult:
     """Runs the bulk explain job: every image under `config.inputs` gets a manifest row, a Grad-CAM
     heatmap and overlay; committed shards of a previous identical run are skipped.
 
     Args:
         config: the job configuration (validated here, before Ray starts).
         progress: print shard progress, images/s and ETA to stderr.
+        lease: how to treat another run's lease on the output (wait, break); None: give up at once.
 
     Returns:
         JobResult (see its exit_code).
 
     Raises:
         ConfigError: bad configuration or model (the CLI exits 2).
+        OutputBusy: another run holds the output's lease (the CLI exits 4).
         WorkerStartError: no worker could load the model (the CLI exits 1).
         KeyboardInterrupt, JobInterrupted: Ctrl-C / SIGTERM; committed shards are kept and the
             same call resumes.
     """
-    with _sigterm_raises():
-        return _run_explain(config, progress)
+    with _sigterm_raises(), contextlib.ExitStack() as held:
+        return _run_explain(config, progress, lambda output: held.enter_context(hold_output_lease(output, lease)))
 
 
-def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
+def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output: None) -> JobResult:
     t0 = time.perf_counter()
     config = config.validated()
+    take_lease(config.output)  # DST/_lease.json (workers/lease.py): one run per output until we return
     layout = OutputLayout(config.output)
     storage = layout.storage
     fingerprint = config.result_fingerprint()

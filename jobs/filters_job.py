@@ -727,9 +727,19 @@ def _layer_summary(table, layer: str) -> Dict:
     }
 
 
-def run_filters(config: FiltersConfig) -> FiltersResult:
-    """Runs the filters job (see the module docstring). Raises FiltersConfigError / ModelError
-    (ValueErrors) for a bad config or model before any Ray work starts."""
+def run_filters(config: FiltersConfig, lease=None) -> FiltersResult:
+    """Runs the filters job (see the module docstring) holding the output's lease
+    (`workers/lease.py`; `lease` is a LeaseOptions, None: give up at once if another run holds it).
+    Raises FiltersConfigError / ModelError (ValueErrors) for a bad config or model before any Ray
+    work starts, OutputBusy when another run holds the output."""
+    from workers.lease import hold_output_lease
+
+    config = config.validated()
+    with hold_output_lease(config.output, lease, job="filters"):
+        return _run_filters(config)
+
+
+def _run_filters(config: FiltersConfig) -> FiltersResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
