@@ -2,7 +2,8 @@
 
 Exit codes: 0 the job finished (per-image errors are manifest rows), 1 shards failed or the error
 rate passed --max-error-rate, 2 bad command line or configuration (one line on stderr), 3 an audit
-gate failed (one line per failed gate), 5 a missing optional dependency (the audit extra).
+gate failed (one line per failed gate), 4 the output is busy (another run holds its lease,
+DST/_lease.json; one line naming the holder), 5 a missing optional dependency (the audit extra).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs each worker reserves, even before an autoscaling cluster has GPU nodes")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph...)")
+
+
+def _add_lease_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+                   help="when another run holds the output, wait up to this long for it (else exit 4)")
+    p.add_argument("--break-lease", action="store_true",
+                   help="DANGEROUS: take the output's lease from its holder at once (only if that run is dead)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.add_gate_arguments(run)
     audit = sub.add_parser("audit", help="audit an explain output: label issues, drift, where the model looks, gates")
     audit_cli.add_arguments(audit)
+    _add_lease_arguments(audit)
+    _add_lease_arguments(run)
 
     try:
         from jobs import filters_job
@@ -97,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     if filters_job is not None:
         filters = sub.add_parser("filters", help="visualize every filter of conv layers by gradient ascent")
         filters_job.add_arguments(filters)
+        _add_lease_arguments(filters)
     return parser
 
 
@@ -143,6 +154,16 @@ def explain_config_from_args(args):
     )
 
 
+def _lease_options(args):
+    from workers.lease import LeaseOptions
+
+    if args.wait_for_lease < 0:
+        raise ValueError(f"--wait-for-lease must be >= 0 seconds, received {args.wait_for_lease:g}")
+    options = LeaseOptions(wait_seconds=args.wait_for_lease, break_lease=args.break_lease)
+    options.duration()  # a bad BULK_EXPLAIN_LEASE_SECONDS is a one-line exit 2 before any work
+    return options
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from jobs.runtime import EnvironmentProblem, restore_default_signals
 
@@ -155,30 +176,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(exc))
     from jobs.config import ConfigError
     from jobs.distribute import WorkerStartError
+    from workers.lease import OutputBusy
     from workers.tf_runtime import import_tensorflow_quietly
 
     try:
         # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
+        lease = _lease_options(args)
         if args.command == "audit" or getattr(args, "audit", False) or getattr(args, "gate", None):
             audit_config = _audit_config(args)
             if audit_config is None:
                 return 5
         if args.command == "audit":
-            return _run_audit(audit_config, args)
+            return _run_audit(audit_config, args, lease)
         if args.command == "run":
             from jobs.driver import run_explain
 
             config = explain_config_from_args(args).validated()
             import_tensorflow_quietly()
-            result = run_explain(config, progress=not args.quiet)
+            result = run_explain(config, progress=not args.quiet, lease=lease)
             if args.audit and result.exit_code == 0:
-                return _run_audit(audit_config, args)
+                return _run_audit(audit_config, args, lease)
         else:
             from jobs import filters_job
 
             config = filters_job.config_from_args(args)
             import_tensorflow_quietly()
-            result = filters_job.run_filters(config)
+            result = filters_job.run_filters(config, lease=lease)
+    except OutputBusy as exc:
+        print(f"bulk-explain: error: {exc}", file=sys.stderr)
+        return OutputBusy.exit_code
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     except WorkerStartError as exc:
@@ -209,10 +235,13 @@ def _audit_config(args):
     return audit_cli.config_from_args(args, output=args.output)
 
 
-def _run_audit(config, args) -> int:
+def _run_audit(config, args, lease=None) -> int:
     from jobs.audit import run_audit
+    from workers.lease import hold_output_lease
 
-    result = run_audit(config, progress=not args.quiet)
+    # The audit writes under DST/audits/ and reads the manifest: one writer per output, as for runs.
+    with hold_output_lease(config.output, lease, job="audit"):
+        result = run_audit(config, progress=not args.quiet)
     for line in result.failed_gates:
         print(f"bulk-explain: {line}", file=sys.stderr)
     return result.exit_code

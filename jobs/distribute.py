@@ -39,7 +39,18 @@ def connect(address: Optional[str]) -> bool:
         )
     else:
         # Under `ray job submit` the job's runtime_env (working_dir) is inherited: pass none here.
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            from jobs.config import ConfigError
+
+            hint = ""
+            if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                # Ray sends its token to an explicit address only when told to (docs/cluster.md).
+                hint = ("; if the cluster has token authentication on, export RAY_AUTH_MODE=token and "
+                        "provide its token (RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"could not join the Ray cluster at {address}: {first}{hint}") from None
     # Ray is up but the caller has not taken its signals back yet (see jobs.runtime.ray_startup).
     fault_point("ray_started")
     return True

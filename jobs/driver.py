@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ from jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_js
 from workers.faults import fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
 from workers.layout import OutputLayout
+from workers.lease import LeaseOptions, hold_output_lease
 from workers.models import ModelError
 from workers.storage import IMAGE_EXTENSIONS, StorageError, is_temp_name
 from workers.writer import marker_agrees, read_part_commit
@@ -221,30 +223,33 @@ def _staged_matches(storage, uri: str, task, marker: Optional[dict] = None) -> b
     return rows.uris == task.uris and rows.content_hash == task.content_hash
 
 
-def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
+def run_explain(config: ExplainConfig, progress: bool = True, lease: Optional[LeaseOptions] = None) -> JobResult:
     """Runs the bulk explain job: every image under `config.inputs` gets a manifest row, a Grad-CAM
     heatmap and overlay; committed shards of a previous identical run are skipped.
 
     Args:
         config: the job configuration (validated here, before Ray starts).
         progress: print shard progress, images/s and ETA to stderr.
+        lease: how to treat another run's lease on the output (wait, break); None: give up at once.
 
     Returns:
         JobResult (see its exit_code).
 
     Raises:
         ConfigError: bad configuration or model (the CLI exits 2).
+        OutputBusy: another run holds the output's lease (the CLI exits 4).
         WorkerStartError: no worker could load the model (the CLI exits 1).
         KeyboardInterrupt, JobInterrupted: Ctrl-C / SIGTERM; committed shards are kept and the
             same call resumes.
     """
-    with sigterm_raises(), s3_storage_configured(config.s3_endpoint_url):
-        return _run_explain(config, progress)
+    with sigterm_raises(), s3_storage_configured(config.s3_endpoint_url), contextlib.ExitStack() as held:
+        return _run_explain(config, progress, lambda output: held.enter_context(hold_output_lease(output, lease)))
 
 
-def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
+def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output: None) -> JobResult:
     t0 = time.perf_counter()
     config = config.validated()
+    take_lease(config.output)  # DST/_lease.json (workers/lease.py): one run per output until we return
     layout = OutputLayout(config.output)
     storage = layout.storage
     fingerprint = config.result_fingerprint()

@@ -733,12 +733,18 @@ def _layer_summary(table, layer: str) -> Dict:
     }
 
 
-def run_filters(config: FiltersConfig) -> FiltersResult:
-    """Runs the filters job (see the module docstring). Raises FiltersConfigError / ModelError
-    (ValueErrors) for a bad config or model before any Ray work starts; KeyboardInterrupt /
-    JobInterrupted (SIGTERM, exit 143) with committed units kept."""
+def run_filters(config: FiltersConfig, lease=None) -> FiltersResult:
+    """Runs the filters job (see the module docstring) holding the output's lease
+    (`workers/lease.py`; `lease` is a LeaseOptions, None: give up at once if another run holds it).
+    Raises FiltersConfigError / ModelError (ValueErrors) for a bad config or model before any Ray
+    work starts, OutputBusy when another run holds the output; KeyboardInterrupt / JobInterrupted
+    (SIGTERM, exit 143) with committed units kept."""
+    from workers.lease import hold_output_lease
+
     with sigterm_raises(), s3_storage_configured(config.s3_endpoint_url):
-        return _run_filters(config)
+        config = config.validated()
+        with hold_output_lease(config.output, lease, job="filters"):
+            return _run_filters(config)
 
 
 def _run_filters(config: FiltersConfig) -> FiltersResult:

@@ -1,7 +1,19 @@
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if "RAY_AUTH_MODE" not in os.environ:
+    # Ray's token authentication on, as on a real cluster (Ray >= 2.59 turns it on for a new local
+    # Ray anyway), with the suite's own token: never ~/.ray/auth_token.
+    _token_dir = tempfile.mkdtemp(prefix="bx-ray-token-")
+    atexit.register(shutil.rmtree, _token_dir, True)
+    with open(os.open(os.path.join(_token_dir, "auth_token"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as _f:
+        _f.write(secrets.token_hex(32))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=os.path.join(_token_dir, "auth_token"))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import numpy as np

@@ -79,7 +79,7 @@ def test_workers_get_an_instance_profile_for_s3(config):
 
 
 def test_setup_installs_the_project_and_gpu_tensorflow(config, prepared):
-    (remote, local), = config["file_mounts"].items()
+    (remote, local), = [(r, l) for r, l in config["file_mounts"].items() if r != "~/.ray/auth_token"]
     assert os.path.isfile(os.path.join(REPO, local, "pyproject.toml"))
     for name in ("head_setup_commands", "worker_setup_commands"):
         assert any(remote in c and "pip install" in c for c in prepared[name]), name
@@ -179,3 +179,32 @@ def test_without_excludes_models_would_be_uploaded(tmp_path):
     """The check above can fail: with no .rayignore the model and the data go up with the code."""
     names = _uploaded(tmp_path)
     assert {"models/cats_and_dogs_small_1.h5", "data/pets/cats/cat 1.jpg"} <= names
+
+
+# -- Ray token authentication (docs/cluster.md) -------------------------------------------------------
+
+def test_nodes_run_with_token_auth_from_the_mounted_token(config, prepared):
+    # The token made by `ray get-auth-token --generate` (Ray's default path) is shipped to every node
+    # at Ray's default path, where `ray start` and every job driver read it.
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "~/.ray/auth_token" in prepared["file_mounts"]
+    # RAY_AUTH_MODE=token in the container's environment and before each `ray start`: without it a
+    # client (the job driver joining with --address auto included) sends no token.
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    for name in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in prepared[name] if "ray start" in c]
+        assert starts and all(re.search(r"export RAY_AUTH_MODE=token;.*ray start", c) for c in starts), name
+    # and no command disables it
+    commands = [c for key, value in prepared.items() if key.endswith("commands") for c in value]
+    assert not any("RAY_AUTH_MODE=disabled" in c for c in commands)
+    assert not any("RAY_AUTH_TOKEN=" in c for c in commands)  # the secret itself never sits in the YAML
+
+
+@pytest.mark.parametrize("path, value", [
+    (("docker", "run_options"), "--env RAY_AUTH_MODE=token"),          # a list, not a string
+])
+def test_broken_auth_settings_fail_validation(config, path, value):
+    broken = copy.deepcopy(config)
+    _set(broken, path, value)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, _schema())

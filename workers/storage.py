@@ -7,6 +7,7 @@ store (S3, GCS, ...) is one more subclass, not a branch in the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -14,7 +15,7 @@ import os
 import re
 import stat
 import uuid
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -113,6 +114,63 @@ class Storage:
     def filesystem(self, root: str):
         """Returns `(pyarrow.fs.FileSystem, path)` for reading Parquet datasets under `root`."""
         raise NotImplementedError
+
+    # -- conditional writes (the output lease, workers/lease.py) ------------------------------------
+    # A "version" is an opaque token that changes whenever the object's bytes change (sha256 of the
+    # content locally, the ETag on S3). Times are the STORE's clock, never the caller's: a lease's
+    # expiry must not depend on which machine looks at it.
+
+    def read_versioned(self, uri: str) -> Optional["Versioned"]:
+        """Reads `uri` with its version, its modification time and the store's current time.
+
+        Returns:
+            A `Versioned`, or None when there is no object.
+        """
+        raise NotImplementedError
+
+    def create_versioned(self, uri: str, data: bytes) -> Optional[str]:
+        """Creates `uri` only if nothing is there (atomic against concurrent creators where
+        `conditional_writes_atomic` says so).
+
+        Returns:
+            The new version, or None when an object already existed (nothing written).
+        """
+        raise NotImplementedError
+
+    def replace_versioned(self, uri: str, data: bytes, expected_version: str) -> Optional[str]:
+        """Replaces `uri` only if its current version is `expected_version`.
+
+        Returns:
+            The new version, or None when the object changed or vanished (nothing written).
+        """
+        raise NotImplementedError
+
+    def delete_versioned(self, uri: str, expected_version: str) -> bool:
+        """Deletes `uri` only if its current version is `expected_version`. Returns True if deleted."""
+        raise NotImplementedError
+
+    def conditional_writes_atomic(self, uri: str) -> bool:
+        """False when the store lacks conditional writes and the methods above fall back to
+        check-then-write (two writers racing within one round trip can then both succeed)."""
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Versioned:
+    """An object read together with what a compare-and-swap needs.
+
+    Attributes:
+        data: the bytes.
+        version: opaque token that changes with the content (sha256 locally, ETag on S3).
+        modified: the object's last write, seconds since the epoch on the store's clock.
+        store_now: the store's time at the read, same clock (S3 `Date` header; locally the mtime
+            of a file created for the purpose, i.e. the clock that stamps the files).
+    """
+
+    data: bytes
+    version: str
+    modified: float
+    store_now: float
 
 
 # Local names that are not valid UTF-8 keep their bytes >= 0x80 as "\xNN" escapes (Arrow strings
@@ -272,6 +330,91 @@ class LocalStorage(Storage):
 
     def normalize(self, uri: str) -> str:
         return self._path(uri)
+
+    # -- conditional writes: a create is link(2) of a complete temp file (atomic, fails if the name
+    # exists like O_EXCL, and never shows a half-written file); a replace or delete compares versions
+    # under an flock on the object's folder (no lock file left behind), so check and write are one
+    # step for every process that uses these methods on that folder.
+
+    def _write_temp(self, path: str, data: bytes) -> str:
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}{TEMP_SUFFIX}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        return tmp
+
+    def _store_now(self, folder: str) -> float:
+        """The clock that stamps files in `folder` (a network filesystem's server, not ours)."""
+        probe = self._write_temp(os.path.join(folder, "clock"), b"")
+        try:
+            return os.stat(probe).st_mtime
+        finally:
+            os.remove(probe)
+
+    @contextlib.contextmanager
+    def _cas_lock(self, path: str):
+        import fcntl
+
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def read_versioned(self, uri):
+        path = self._path(uri)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                modified = os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None
+        return Versioned(data, hashlib.sha256(data).hexdigest(), modified,
+                         self._store_now(os.path.dirname(path)))
+
+    def create_versioned(self, uri, data):
+        path = self._path(uri)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            return None
+        finally:
+            os.remove(tmp)
+        return hashlib.sha256(data).hexdigest()
+
+    def replace_versioned(self, uri, data, expected_version):
+        path = self._path(uri)
+        with self._cas_lock(path):
+            try:
+                with open(path, "rb") as f:
+                    current = hashlib.sha256(f.read()).hexdigest()
+            except FileNotFoundError:
+                return None
+            if current != expected_version:
+                return None
+            self.write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_versioned(self, uri, expected_version):
+        path = self._path(uri)
+        with self._cas_lock(path):
+            try:
+                with open(path, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest() != expected_version:
+                        return False
+            except FileNotFoundError:
+                return False
+            os.remove(path)
+        return True
 
 
 _BACKENDS: Dict[str, Callable[[], Storage]] = {"file": LocalStorage}

@@ -45,7 +45,8 @@ import threading
 import time
 from typing import Dict, Iterator, Optional, Tuple
 
-from workers.storage import IMAGE_EXTENSIONS, FileEntry, Storage, StorageError, register_storage
+from workers.storage import (IMAGE_EXTENSIONS, FileEntry, Storage, StorageError, Versioned,
+                             register_storage)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ _DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "Inval
                  "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 # What a store that does not implement conditional PUT answers to If-None-Match.
 _NO_CONDITIONAL_CODES = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest"}
+
+
+class _Unsupported(Exception):
+    """The store answered "not implemented" to a conditional request."""
 
 
 def split_uri(uri: str) -> Tuple[str, str]:
@@ -370,6 +375,118 @@ class S3Storage(Storage):
             return False
         self.write_bytes(uri, data)
         return True
+
+    # -- conditional writes (the output lease) -------------------------------------------------------
+    # If-None-Match: * creates, If-Match: <etag> replaces or deletes, atomically on AWS S3 (since
+    # 2024) and stores that implement them. A store that answers "not implemented" gets
+    # check-then-write instead (remembered per bucket, see conditional_writes_atomic): two writers
+    # within one round trip of each other can then both win.
+
+    def read_versioned(self, uri):
+        import calendar
+        from email.utils import parsedate_to_datetime
+
+        bucket, key = split_uri(uri)
+        try:
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            data = response["Body"].read()
+        except self._client_error() as exc:
+            if _error_code(exc) in _MISSING_CODES:
+                return None
+            self._raise_os_error(exc, uri)
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        modified = calendar.timegm(response["LastModified"].utctimetuple())
+        # The store's clock: its Date header (same 1 s resolution as Last-Modified).
+        date = headers.get("date")
+        store_now = parsedate_to_datetime(date).timestamp() if date else float(modified)
+        return Versioned(data, str(response.get("ETag", "")), float(modified), store_now)
+
+    def _conditional_put(self, uri: str, data: bytes, **condition) -> Optional[str]:
+        """One conditional PUT; the new ETag, None when the condition failed, or raises
+        `_Unsupported` when the store does not implement the condition."""
+        bucket, key = split_uri(uri)
+        if not key:
+            raise StorageError(f"cannot write to a bucket root: {uri!r}")
+        for attempt in range(1, 6):
+            try:
+                response = self.client.put_object(Bucket=bucket, Key=key, Body=bytes(data),
+                                                  ContentType=self._content_type(key), **condition)
+                return str(response.get("ETag", ""))
+            except self._client_error() as exc:
+                code, status = _error_code(exc), _status(exc)
+                if status == 412 or code == "PreconditionFailed" or code in _MISSING_CODES:
+                    return None
+                if status == 409 or code == "ConditionalRequestConflict":
+                    time.sleep(0.05 * 2 ** attempt * random.random())
+                    continue
+                if code in _NO_CONDITIONAL_CODES or status in (400, 501):
+                    logger.info("s3://%s: conditional PUT not supported (%s); using check-then-write",
+                                bucket, code or status)
+                    self._conditional_ok[bucket] = False
+                    raise _Unsupported() from None
+                self._raise_os_error(exc, uri)
+        raise OSError(f"conditional PUT of {uri} kept conflicting with another writer")
+
+    def _plain_put(self, uri: str, data: bytes) -> str:
+        bucket, key = split_uri(uri)
+        try:
+            response = self.client.put_object(Bucket=bucket, Key=key, Body=bytes(data),
+                                              ContentType=self._content_type(key))
+        except self._client_error() as exc:
+            self._raise_os_error(exc, uri)
+        return str(response.get("ETag", ""))
+
+    def _current_etag(self, uri: str) -> Optional[str]:
+        bucket, key = split_uri(uri)
+        try:
+            return str(self.client.head_object(Bucket=bucket, Key=key).get("ETag", ""))
+        except self._client_error() as exc:
+            if _error_code(exc) in _MISSING_CODES:
+                return None
+            self._raise_os_error(exc, uri)
+
+    def create_versioned(self, uri, data):
+        bucket, _ = split_uri(uri)
+        if self._conditional_ok.get(bucket, True):
+            try:
+                return self._conditional_put(uri, data, IfNoneMatch="*")
+            except _Unsupported:
+                pass
+        if self._current_etag(uri) is not None:
+            return None
+        return self._plain_put(uri, data)
+
+    def replace_versioned(self, uri, data, expected_version):
+        bucket, _ = split_uri(uri)
+        if self._conditional_ok.get(bucket, True):
+            try:
+                return self._conditional_put(uri, data, IfMatch=expected_version)
+            except _Unsupported:
+                pass
+        if self._current_etag(uri) != expected_version:
+            return None
+        return self._plain_put(uri, data)
+
+    def delete_versioned(self, uri, expected_version):
+        bucket, key = split_uri(uri)
+        if self._conditional_ok.get(bucket, True):
+            try:
+                self.client.delete_object(Bucket=bucket, Key=key, IfMatch=expected_version)
+                return True
+            except self._client_error() as exc:
+                code, status = _error_code(exc), _status(exc)
+                if status == 412 or code == "PreconditionFailed" or code in _MISSING_CODES:
+                    return False
+                if not (code in _NO_CONDITIONAL_CODES or status in (400, 501)):
+                    self._raise_os_error(exc, uri)
+                # conditional deletes are newer than conditional PUTs: fall through for this call
+        if self._current_etag(uri) != expected_version:
+            return False
+        self.delete(uri)
+        return True
+
+    def conditional_writes_atomic(self, uri):
+        return self._conditional_ok.get(split_uri(uri)[0], True)
 
     def exists(self, uri):
         """True for an object, or for a "folder" (a prefix with at least one object under it)."""
