@@ -45,6 +45,9 @@ IMAGE_MANIFEST_SCHEMA = pa.schema(
         ("source_size", pa.int64()),
         ("source_version", pa.string()),  # mtime_ns locally, ETag on S3
         ("shard", pa.int32()),
+        ("label_index", pa.int32()),  # class the folder label names (workers/labels.py), or null
+        ("correct", pa.bool_()),  # pred_index == label_index; null without a matching label or on error
+        ("cam_spread", pa.float32()),  # share of the heatmap above half its max (1 = flat); null if all zero
     ],
     metadata={"bulk_explain.schema": "image_manifest", "bulk_explain.schema_version": SCHEMA_VERSION},
 )
