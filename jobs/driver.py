@@ -385,11 +385,6 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
         else:
             todo.append(task)
 
-    images_todo = sum(len(t) for t in todo)
-    log.message(f"found {found_inputs} inputs"
-                + (f" (--limit {config.limit}: using the first {config.limit})" if limited is not None else "")
-                + f"; {images_todo} to process in {len(todo)} of {len(tasks)} shards")
-
     # The model is checked (and fingerprinted) here, before Ray starts, so a bad model is a one-line
     # exit-2 error and not N failing actors. It costs one extra model load in the driver.
     try:
@@ -401,6 +396,10 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
         raise ConfigError(_DIFFERENT_JOB.format(
             output=config.output, what="the model's weights or architecture (its fingerprint differs)"))
     check_labels(config, plan, class_names, log)
+    # After the checks (an error stays one line), before Ray starts (the slow part of a small run).
+    log.message(f"found {found_inputs} inputs"
+                + (f" (--limit {config.limit}: using the first {config.limit})" if limited is not None else "")
+                + f"; {sum(len(t) for t in todo)} to process in {len(todo)} of {len(tasks)} shards")
 
     # Nothing is written to DST before this point: a refused job leaves it untouched.
     result = JobResult(output=config.output, images=plan.num_rows, shards=len(tasks),
