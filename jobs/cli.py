@@ -195,7 +195,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from jobs.distribute import WorkerStartError
     from workers.environment import EnvironmentProblem
 
-    config_errors = (ConfigError,)
+    from workers.models import ModelError
+
+    config_errors = (ConfigError, ModelError)  # ours: the command line, the config or the model is wrong
     try:
         from jobs.filters_job import FiltersConfigError
 

@@ -559,9 +559,12 @@ def _check_access(config: ExplainConfig) -> None:
     """Credentials, endpoints and output permissions, checked before the model loads (exit 5)."""
     from workers.storage import storage_for
 
-    for uri in config.inputs:
-        storage_for(uri).check_access(uri, write=False)
-    storage_for(config.output).check_access(config.output, write=True)
+    try:
+        for uri in config.inputs:
+            storage_for(uri).check_access(uri, write=False)
+        storage_for(config.output).check_access(config.output, write=True)
+    except StorageError as exc:  # e.g. a bucket that does not exist: the command line is wrong
+        raise ConfigError(str(exc)) from None
 
 
 def _limit_listing(listing, limit: int, previous_plan):
