@@ -211,8 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from jobs.driver import run_explain
 
             config = explain_config_from_args(args).validated()
-            import_tensorflow_quietly()
-            result = run_explain(config, progress=not args.quiet)
+            result = run_explain(config, progress=not args.quiet)  # imports TensorFlow after its fast checks
         else:
             from jobs import filters_job
 

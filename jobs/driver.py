@@ -327,7 +327,6 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
 def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     t0 = time.perf_counter()
     quiet_console()
-    import_tensorflow_quietly()  # before anything imports it: TF's C++ start-up lines go to fd 2
     config = config.validated()
     layout = OutputLayout(config.output)
     storage = layout.storage
@@ -387,6 +386,8 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
 
     # The model is checked (and fingerprinted) here, before Ray starts, so a bad model is a one-line
     # exit-2 error and not N failing actors. It costs one extra model load in the driver.
+    # TensorFlow loads only now (seconds): the access, config and listing checks above answer fast.
+    import_tensorflow_quietly()  # before anything else imports it: its C++ start-up lines go to fd 2
     try:
         model_info = inspect_model(config)
     except (ModelError, ValueError) as exc:
