@@ -1,9 +1,11 @@
 """`bulk-explain` command line: a thin layer over the Python API (jobs.run_explain, ...).
 
-Exit codes: 0 the job finished (per-image errors are manifest rows), 1 shards failed or the error
-rate passed --max-error-rate, 2 bad command line or configuration (one line on stderr), 3 an audit
-gate failed (one line per failed gate), 4 the output is busy (another run holds its lease,
-DST/_lease.json; one line naming the holder), 5 a missing optional dependency (the audit extra).
+Exit codes: 0 the job finished (per-image errors are manifest rows), 1 shards failed, the error
+rate passed --max-error-rate, or an unexpected error (one line; the traceback with --verbose),
+2 bad command line or configuration (one line on stderr), 3 an audit gate failed (one line per
+failed gate), 4 the output is busy (another run holds its lease, DST/_lease.json; one line naming
+the holder), 5 environment problem: credentials,
+S3 endpoint, output permissions, no network for downloading weights (one line naming the fix).
 """
 
 from __future__ import annotations
@@ -23,28 +25,47 @@ class _UsageError(Exception):
     pass
 
 
-def _fail(message: str) -> int:
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 5
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option with a default; options whose default is "unset"
+    (None) or off (store_true) say in their own help text what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
     first = str(message).strip().splitlines()[0] if str(message).strip() else "error"
     print(f"bulk-explain: error: {first}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     from workers.models import model_kinds
 
     p.add_argument("--model", required=True, choices=model_kinds(), help="model kind")
-    p.add_argument("--weights", default="imagenet",
-                   help="imagenet (Keras' download, cached), random (seeded), or a weights/model file")
+    p.add_argument("--weights", default=None,
+                   help="imagenet (Keras' download, cached), random (seeded by --seed), or a weights file; "
+                        "default: the --model-file's own weights when one is given, else imagenet")
     p.add_argument("--model-file", help=".keras or legacy .h5 model file (cats_dogs, keras)")
-    p.add_argument("--input-size", type=int, help="input size where the architecture allows it")
+    p.add_argument("--input-size", type=int,
+                   help="input size where the architecture allows it (default: the model's own)")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     p.add_argument("--unsafe-model-code", action="store_true",
                    help="allow Lambda layers / custom code in model files (only for files you trust)")
     p.add_argument("--address", default=None, help="Ray: omit for embedded local Ray; auto or HOST:PORT for a cluster")
     p.add_argument("--workers", type=int, default=None, help="model actors (default: one per GPU, else per node)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs each worker reserves, even before an autoscaling cluster has GPU nodes")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph...)")
+                   help="GPUs each worker reserves, even before an autoscaling cluster has GPU nodes "
+                        "(default: 1 per worker where GPUs exist, none on CPU-only clusters)")
+    p.add_argument("--s3-endpoint-url", default=None,
+                   help="S3-compatible endpoint (MinIO, Ceph...); default: AWS, or AWS_ENDPOINT_URL_S3")
 
 
 def _add_lease_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,18 +76,30 @@ def _add_lease_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bulk-explain", description="Bulk explanation of Keras CNN classifiers on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="bulk-explain", description="Bulk explanation of Keras CNN classifiers on Ray.",
+                     epilog="Exit codes: 0 finished, 1 shards failed or --max-error-rate passed, 2 bad command "
+                            "line or configuration, 5 environment problem (credentials, endpoint, permissions, "
+                            "network). `bulk-explain COMMAND --help` lists a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                title="commands")
 
-    run = sub.add_parser("run", help="predictions, activation summaries and Grad-CAM for every image")
+    run = sub.add_parser("run", help="predictions, activation summaries and Grad-CAM for every image",
+                         formatter_class=_HelpFormatter)
     run.add_argument("--input", action="append", required=True, metavar="SRC",
                      help="folder or s3://bucket/prefix (repeatable)")
     run.add_argument("--output", required=True, metavar="DST", help="folder or s3://bucket/prefix")
     _add_model_arguments(run)
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--shard-size", type=int, default=256)
-    run.add_argument("--top-k", type=int, default=5)
-    run.add_argument("--cam-class", default="pred", help="pred, label (the folder's class) or a class index")
+    run.add_argument("--batch-size", type=int, default=32, help="images per compiled step")
+    run.add_argument("--shard-size", type=int, default=256, help="images per unit of work and of commit")
+    run.add_argument("--top-k", type=int, default=5, help="classes per image in the manifest")
+    run.add_argument("--cam-class", default="pred",
+                     help="pred, label (the folder's class: cats/ matches cat) or a class index")
+    run.add_argument("--strict-labels", action="store_true",
+                     help="with --cam-class label: a folder that names no class is an error (exit 2) "
+                          "instead of a warning")
+    run.add_argument("--limit", type=int, default=None, metavar="N",
+                     help="process only the first N inputs of the sorted listing, to try settings "
+                          "(a later run without --limit in the same output does the rest)")
     run.add_argument("--cam-method", default="gradcam", help="gradcam, gradcam++ or layercam")
     run.add_argument("--cam-score", default="logit", choices=["logit", "probability"],
                      help="logit: pre-activation class score (the paper); probability: the lecture's")
@@ -75,12 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated layers to summarize (default: every Conv2D and pooling layer)")
     run.add_argument("--activation-grids", type=int, default=0,
                      help="channel-grid PNGs for the first N images of each shard")
-    run.add_argument("--scaling", default=None, help="preprocessing: rescale, vgg16, tf or none (keras models)")
+    run.add_argument("--scaling", default=None,
+                     help="preprocessing: rescale, vgg16, tf or none (default: the model kind's own; rescale "
+                          "for keras models)")
     run.add_argument("--interpolation", default="nearest", help="resize: nearest (Keras load_img), bilinear, ...")
-    run.add_argument("--class-names", default=None, help="class names file (one per line or a JSON list)")
-    run.add_argument("--overlay-quality", type=int, default=90)
-    run.add_argument("--read-threads", type=int, default=4)
-    run.add_argument("--write-threads", type=int, default=4)
+    run.add_argument("--class-names", default=None,
+                     help="class names file, one per line or a JSON list (default: ImageNet's for vgg16, "
+                          "cat/dog for cats_dogs, indices for keras)")
+    run.add_argument("--overlay-quality", type=int, default=90, help="JPEG quality of the overlays (1-100)")
+    run.add_argument("--read-threads", type=int, default=4, help="decode threads per worker")
+    run.add_argument("--write-threads", type=int, default=4, help="encode/write threads per worker")
     run.add_argument("--max-error-rate", type=float, default=1.0,
                      help="exit 1 when more than this fraction of images are error rows")
     run.add_argument("--overwrite", action="store_true", help="recompute everything in DST")
@@ -98,17 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="audit an explain output: label issues, drift, where the model looks, gates")
     audit_cli.add_arguments(audit)
     _add_lease_arguments(audit)
+    _add_verbose(audit)
     _add_lease_arguments(run)
+    _add_verbose(run)
 
     try:
         from jobs import filters_job
     except ImportError:
         filters_job = None
     if filters_job is not None:
-        filters = sub.add_parser("filters", help="visualize every filter of conv layers by gradient ascent")
+        filters = sub.add_parser("filters", help="visualize every filter of conv layers by gradient ascent",
+                                 formatter_class=_HelpFormatter)
         filters_job.add_arguments(filters)
         _add_lease_arguments(filters)
+        _add_verbose(filters)
     return parser
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow/CUDA/Ray start-up messages, Python warnings and tracebacks")
 
 
 def explain_config_from_args(args):
@@ -151,6 +197,8 @@ def explain_config_from_args(args):
         s3_endpoint_url=args.s3_endpoint_url,
         allow_removals=args.allow_removals,
         verify_content=args.verify_content,
+        strict_labels=args.strict_labels,
+        limit=args.limit,
     )
 
 
@@ -158,26 +206,53 @@ def _lease_options(args):
     from workers.lease import LeaseOptions
 
     if args.wait_for_lease < 0:
-        raise ValueError(f"--wait-for-lease must be >= 0 seconds, received {args.wait_for_lease:g}")
+        from jobs.config import ConfigError
+
+        raise ConfigError(f"--wait-for-lease must be >= 0 seconds, received {args.wait_for_lease:g}")
     options = LeaseOptions(wait_seconds=args.wait_for_lease, break_lease=args.break_lease)
-    options.duration()  # a bad BULK_EXPLAIN_LEASE_SECONDS is a one-line exit 2 before any work
+    try:
+        options.duration()  # a bad BULK_EXPLAIN_LEASE_SECONDS is a one-line exit 2 before any work
+    except ValueError as exc:
+        from jobs.config import ConfigError
+
+        raise ConfigError(str(exc)) from None
     return options
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from jobs.runtime import EnvironmentProblem, restore_default_signals
+    from jobs.runtime import restore_default_signals
 
     # Ctrl-C must give exit 130 even when started with SIGINT ignored (`cmd &` in a script).
     restore_default_signals()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv:  # plain `bulk-explain`: say what it can do
+        parser.print_help()
+        return EXIT_USAGE
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(str(exc))
+    from workers.tf_runtime import VERBOSE_ENV, import_tensorflow_quietly, quiet_console
+
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    # Before TensorFlow is imported: its C++ log level is read once, when it loads.
+    quiet_console(global_warnings=True)
     from jobs.config import ConfigError
     from jobs.distribute import WorkerStartError
     from workers.lease import OutputBusy
-    from workers.tf_runtime import import_tensorflow_quietly
+    from workers.environment import EnvironmentProblem
+
+    from workers.models import ModelError
+
+    config_errors = (ConfigError, ModelError)  # ours: the command line, the config or the model is wrong
+    try:
+        from jobs.filters_job import FiltersConfigError
+
+        config_errors += (FiltersConfigError,)
+    except ImportError:
+        pass
 
     try:
         # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
@@ -192,8 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from jobs.driver import run_explain
 
             config = explain_config_from_args(args).validated()
-            import_tensorflow_quietly()
-            result = run_explain(config, progress=not args.quiet, lease=lease)
+            result = run_explain(config, progress=not args.quiet, lease=lease)  # imports TensorFlow after its fast checks
             if args.audit and result.exit_code == 0:
                 return _run_audit(audit_config, args, lease)
         else:
@@ -203,20 +277,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             import_tensorflow_quietly()
             result = filters_job.run_filters(config, lease=lease)
     except OutputBusy as exc:
-        print(f"bulk-explain: error: {exc}", file=sys.stderr)
-        return OutputBusy.exit_code
-    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc), OutputBusy.exit_code)
+    except config_errors as exc:
         return _fail(str(exc))
-    except WorkerStartError as exc:
-        print(f"bulk-explain: error: {exc}", file=sys.stderr)
-        return 1
     except EnvironmentProblem as exc:
-        print(f"bulk-explain: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(str(exc), EXIT_ENVIRONMENT)
+    except WorkerStartError as exc:
+        return _fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         print("bulk-explain: interrupted; committed shards are kept, re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception as exc:  # not a configuration mistake: exit 1, one line unless --verbose
+        if args.verbose:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(f"{type(exc).__name__}: {text} (committed shards are kept; re-run with --verbose "
+                     "for the traceback)", EXIT_FAILED)
     return int(getattr(result, "exit_code", 0))
 
 
@@ -226,7 +303,9 @@ def _audit_config(args):
     from jobs.audit import cli as audit_cli
 
     if args.command == "run" and args.gate and not args.audit:
-        raise ValueError("--gate applies to the audit: add --audit (or run `bulk-explain audit --gate ...`)")
+        from jobs.config import ConfigError
+
+        raise ConfigError("--gate applies to the audit: add --audit (or run `bulk-explain audit --gate ...`)")
     try:
         audit.require_dependencies()
     except ImportError as exc:

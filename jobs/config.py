@@ -9,7 +9,7 @@ import json
 import os
 from typing import Optional, Tuple, Union
 
-from workers.models import ModelSpec, model_kinds
+from workers.models import WEIGHTS_FROM_MODEL_FILE, ModelSpec, model_kinds
 from workers.cam_methods import CAM_METHODS
 from workers.preprocessing import INTERPOLATIONS, SCALINGS
 from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
@@ -21,6 +21,14 @@ DEFAULT_BATCH_SIZE = 32
 MAX_REMOVED_SHARE = 0.5
 # Decoded (full-size) images a worker actor holds at once, summed over its in-flight shards.
 DEFAULT_MAX_DECODED_BYTES = 2 * 1024**3
+
+
+# Settings that change where and how fast a job runs, not its manifest rows: outside the result
+# fingerprint, so changing them never refuses a re-run.
+NON_RESULT_FIELDS = ("inputs", "output", "address", "workers", "gpus_per_worker", "batch_size", "shard_size",
+                     "read_threads", "write_threads", "overwrite", "max_error_rate", "max_shard_retries",
+                     "s3_endpoint_url", "strict_labels", "limit", "allow_removals", "verify_content",
+                     "max_decoded_bytes")
 
 
 class ConfigError(ValueError):
@@ -58,6 +66,10 @@ class ExplainConfig:
         verify_content: local inputs' version is a SHA-256 of their bytes instead of size and
             mtime (every input is read in full by the driver on every run).
         max_decoded_bytes: decoded images each worker actor holds at once (default 2 GiB).
+        strict_labels: with cam_class "label", a folder label that names no class is an error
+            (otherwise a warning, and those images explain the predicted class).
+        limit: process only the first N inputs of the sorted listing (trying settings); inputs an
+            earlier run in the same output planned stay in the plan (see `jobs.driver`).
     """
 
     inputs: Tuple[str, ...]
@@ -85,6 +97,8 @@ class ExplainConfig:
     allow_removals: bool = False
     verify_content: bool = False
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    strict_labels: bool = False
+    limit: Optional[int] = None
 
     # ------------------------------------------------------------------ validation
 
@@ -122,7 +136,13 @@ class ExplainConfig:
         for path, what in ((m.model_file, "model file"), (m.class_names_file, "class names file")):
             if path and scheme_of(path) == "file" and not os.path.isfile(path):
                 raise ConfigError(f"{what} not found: {path}")
-        if m.weights not in ("imagenet", "random") and not os.path.isfile(m.weights):
+        if m.model_file and m.weights != WEIGHTS_FROM_MODEL_FILE:
+            raise ConfigError(
+                f"--weights {m.weights} conflicts with --model-file {m.model_file}: the model file carries its "
+                "own weights; drop --weights (or drop --model-file)")
+        if m.weights == WEIGHTS_FROM_MODEL_FILE and not m.model_file:
+            raise ConfigError(f"--weights {WEIGHTS_FROM_MODEL_FILE} needs --model-file PATH")
+        if m.weights not in ("imagenet", "random", WEIGHTS_FROM_MODEL_FILE) and not os.path.isfile(m.weights):
             raise ConfigError(f"--weights must be imagenet, random or an existing file, received {m.weights!r}")
         if m.kind == "keras" and not m.model_file:
             raise ConfigError("--model keras needs --model-file PATH")
@@ -146,6 +166,8 @@ class ExplainConfig:
         ):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, received {value!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"limit must be an integer >= 1, received {self.limit!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ConfigError(f"workers must be an integer >= 1, received {self.workers!r}")
         if self.gpus_per_worker is not None and not (0 < self.gpus_per_worker <= 8):
@@ -169,7 +191,7 @@ class ExplainConfig:
         model = m
         if m.model_file and scheme_of(m.model_file) == "file":
             model = dataclasses.replace(model, model_file=os.path.abspath(m.model_file))
-        if m.weights not in ("imagenet", "random"):
+        if m.weights not in ("imagenet", "random", WEIGHTS_FROM_MODEL_FILE):
             model = dataclasses.replace(model, weights=os.path.abspath(m.weights))
         if m.class_names_file:
             model = dataclasses.replace(model, class_names_file=os.path.abspath(m.class_names_file))
@@ -199,8 +221,6 @@ class ExplainConfig:
     def result_fingerprint(self) -> str:
         """Hash of every setting that changes manifest rows; where/how fast it runs is excluded."""
         d = self.to_dict()
-        for key in ("inputs", "output", "address", "workers", "gpus_per_worker", "batch_size", "shard_size", "read_threads",
-                    "write_threads", "overwrite", "max_error_rate", "max_shard_retries", "s3_endpoint_url",
-                    "allow_removals", "verify_content", "max_decoded_bytes"):
-            d.pop(key)
+        for key in NON_RESULT_FIELDS:
+            d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -132,7 +132,10 @@ class ActorPool:
                  start_timeout_s: float = 900.0):
         import ray
 
-        self._remote_cls = ray.remote(cls)
+        options = dict(options)
+        # Concurrency groups are declared on the class, not accepted by .options().
+        groups = options.pop("concurrency_groups", None)
+        self._remote_cls = ray.remote(concurrency_groups=groups)(cls) if groups else ray.remote(cls)
         self._args = tuple(args)
         self._options = dict(options, max_concurrency=in_flight, max_restarts=0)
         self._in_flight = in_flight

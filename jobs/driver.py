@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
-from jobs.config import MAX_REMOVED_SHARE, ConfigError, ExplainConfig
+from jobs.config import MAX_REMOVED_SHARE, NON_RESULT_FIELDS, ConfigError, ExplainConfig
 from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
 from jobs.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, match_previous, plan_changes,
                        plan_shards, read_plan, write_plan)
@@ -26,9 +26,12 @@ from jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_js
 from workers.faults import fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
 from workers.layout import OutputLayout
+from workers.environment import EnvironmentProblem
+from workers.labels import LabelMatcher, describe_unmatched
 from workers.lease import LeaseOptions, hold_output_lease
 from workers.models import ModelError
 from workers.storage import IMAGE_EXTENSIONS, StorageError, is_temp_name
+from workers.tf_runtime import VERBOSE_ENV, import_tensorflow_quietly, quiet_console, quiet_warnings, tf_log_level
 from workers.writer import marker_agrees, read_part_commit
 
 
@@ -80,6 +83,7 @@ class JobResult:
     processing_seconds: float = 0.0
     error_rate_exceeded: bool = False
     empty_maps: int = 0  # ok rows whose CAM is all zeros (null peaks, cam_empty in the manifest)
+    max_error_rate: float = 1.0
 
     @property
     def exit_code(self) -> int:
@@ -141,7 +145,8 @@ def inspect_model(config: ExplainConfig) -> dict:
     from workers.explain_step import ExplainStep
     from workers.models import load_model
 
-    loaded = load_model(config.model)
+    with quiet_warnings():
+        loaded = load_model(config.model)
     step = ExplainStep(loaded, batch_size=1, target_layer=config.target_layer,
                        activation_layers=config.activation_layers, method=config.cam_method,
                        cam_score=config.cam_score, top_k=config.top_k)
@@ -154,7 +159,37 @@ def inspect_model(config: ExplainConfig) -> dict:
         activation_layers=step.activation_layers,
         class_names_sample=loaded.class_names[:10],
     )
+    info[_CLASS_NAMES] = list(loaded.class_names)  # for the label check; not written to job.json
     return info
+
+
+_CLASS_NAMES = "_class_names"
+
+
+def check_labels(config: ExplainConfig, plan, class_names, log: Progress) -> None:
+    """With `--cam-class label`, folders whose name matches no class would silently explain the
+    prediction: warn with counts per folder, or with `strict_labels` refuse the job (exit 2)."""
+    import pyarrow.compute as pc
+
+    if config.cam_class != "label" or plan.num_rows == 0:
+        return
+    counts = pc.value_counts(plan.column("label")).to_pylist()
+    pairs = [(c["values"], c["counts"]) for c in counts]
+    unmatched = LabelMatcher(class_names).unmatched(pairs)
+    no_folder = sum(n for label, n in pairs if label is None)
+    if not unmatched and not no_folder:
+        return
+    names = ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
+    parts = []
+    if unmatched:
+        parts.append(f"folders that name no class of the model ({names}): {describe_unmatched(unmatched)}")
+    if no_folder:
+        parts.append(f"{no_folder} images directly in an input folder (no label)")
+    if config.strict_labels:
+        raise ConfigError(f"--cam-class label with --strict-labels: {'; '.join(parts)}")
+    images = sum(unmatched.values()) + no_folder
+    log.message(f"warning: {images} images explain their predicted class instead of their label: "
+                f"{'; '.join(parts)} (--strict-labels makes this an error)")
 
 
 @dataclasses.dataclass
@@ -248,39 +283,59 @@ def run_explain(config: ExplainConfig, progress: bool = True, lease: Optional[Le
 
 def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output: None) -> JobResult:
     t0 = time.perf_counter()
+    quiet_console()
     config = config.validated()
     take_lease(config.output)  # DST/_lease.json (workers/lease.py): one run per output until we return
     layout = OutputLayout(config.output)
     storage = layout.storage
     fingerprint = config.result_fingerprint()
+    log = Progress(total_shards=0, skipped=0, enabled=progress, images_todo=0)
+    _check_access(config)
 
     previous = _read_json(storage, layout.job_json)
     if previous and not config.overwrite and previous.get("result_fingerprint") != fingerprint:
-        raise ConfigError(_DIFFERENT_JOB.format(output=config.output))
+        raise ConfigError(_DIFFERENT_JOB.format(output=config.output, what=_config_diff(previous, config)))
 
     planned = plan_job(config, layout, fingerprint)
     plan, tasks, changes, files = planned.plan, planned.shards, planned.changes, planned.files
     found, markers, roll_forward, todo = planned.found, planned.markers, planned.roll_forward, planned.todo
+    found_inputs, limited, withdrawn = planned.found_inputs, planned.limited, planned.withdrawn
     plan_ids = {t.shard for t in tasks}
 
     # The model is checked (and fingerprinted) here, before Ray starts, so a bad model is a one-line
     # exit-2 error and not N failing actors. It costs one extra model load in the driver.
+    # TensorFlow loads only now (seconds): the access, config and listing checks above answer fast.
+    import_tensorflow_quietly()  # before anything else imports it: its C++ start-up lines go to fd 2
     try:
         model_info = inspect_model(config)
     except (ModelError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    class_names = model_info.pop(_CLASS_NAMES)
     if previous and not config.overwrite and previous.get("model", {}).get("fingerprint") != model_info["fingerprint"]:
-        raise ConfigError(_DIFFERENT_JOB.format(output=config.output))
+        raise ConfigError(_DIFFERENT_JOB.format(
+            output=config.output, what="the model's weights or architecture (its fingerprint differs)"))
+    check_labels(config, plan, class_names, log)
+    # After the checks (an error stays one line), before Ray starts (the slow part of a small run).
+    log.message(f"found {found_inputs} inputs"
+                + (f" (--limit {config.limit}: using the first {config.limit})" if limited is not None else "")
+                + f"; {sum(len(t) for t in todo)} to process in {len(todo)} of {len(tasks)} shards")
 
     # Nothing is written to DST before this point: a refused job leaves it untouched.
     result = JobResult(output=config.output, images=plan.num_rows, shards=len(tasks),
                        added_images=changes.added, changed_images=changes.changed,
                        removed_images=changes.removed, removed_image_uris=changes.removed_uris,
                        mismatched_shards=planned.mismatched)
-    _repair(layout, files, plan_ids, todo, roll_forward, found, markers, result)
-    result.skipped_shards = len(markers)
-    fault_point("planned")
-    write_plan(plan, layout.plan)
+    try:
+        _repair(layout, files, plan_ids, todo, roll_forward, found, markers, result)
+        for task in withdrawn:
+            for uri in files.uris_of(task.shard):
+                storage.delete(uri)
+        result.skipped_shards = len(markers)
+        fault_point("planned")
+        write_plan(plan, layout.plan)
+    except PermissionError as exc:
+        raise EnvironmentProblem(f"cannot write output {config.output}: {exc}; check the permissions "
+                                 "(or credentials) for this output, or choose another --output") from None
     job = {
         "kind": "explain",
         "config": _redacted(config.to_dict()),
@@ -293,8 +348,7 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
     }
     storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
 
-    log = Progress(total_shards=len(tasks), skipped=len(markers), enabled=progress,
-                   images_todo=sum(len(t) for t in todo))
+    log.reset(total_shards=len(tasks), skipped=len(markers), images_todo=sum(len(t) for t in todo))
     if previous:
         log.message(f"since the last plan: {changes.added} images added, {changes.changed} changed, "
                     f"{changes.removed} removed")
@@ -334,6 +388,7 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
     result.images_per_second = result.images_processed / result.seconds if result.seconds else 0.0
     rows = result.ok + result.errors
     result.error_rate_exceeded = bool(rows and result.errors / rows > config.max_error_rate)
+    result.max_error_rate = config.max_error_rate
     summary = result.to_dict()
     summary["finished_at"] = time.time()
     storage.write_bytes(layout.summary_json, json.dumps(summary, indent=2).encode())
@@ -357,6 +412,9 @@ class PlannedJob:
     roll_forward: List[PlannedShard]
     todo: List[PlannedShard]
     mismatched: int = 0
+    found_inputs: int = 0  # images the listing found (before --limit)
+    limited: Optional[set] = None  # --limit: the first N URIs, else None
+    withdrawn: List[PlannedShard] = dataclasses.field(default_factory=list)  # out of --limit's scope, not committed
 
 
 def _searched(config: ExplainConfig) -> str:
@@ -407,6 +465,10 @@ def plan_job(config: ExplainConfig, layout: OutputLayout, fingerprint: str) -> P
         listing = list_inputs(config.inputs, verify_content=config.verify_content)
     except StorageError as exc:
         raise ConfigError(str(exc)) from None
+    found_inputs = listing.num_rows
+    limited = None
+    if config.limit is not None and listing.num_rows > config.limit:
+        listing, limited = _limit_listing(listing, config.limit, None if config.overwrite else read_plan(layout.plan))
     # The safety check compares with the plan on disk even under --overwrite.
     _release_memory()
     stored = read_plan(layout.plan, columns=("shard", "source_uri", "size", "version"))
@@ -430,9 +492,22 @@ def plan_job(config: ExplainConfig, layout: OutputLayout, fingerprint: str) -> P
                 and found[t.shard].get("content_hash") == t.content_hash}
     parts = _read_part_commits(storage, layout, sorted(s for s in matching if s in files.parts))
     job = PlannedJob(plan=plan, shards=shards, changes=changes, files=files, found=found, markers={},
-                     roll_forward=[], todo=[])
+                     roll_forward=[], todo=[], found_inputs=found_inputs, limited=limited)
+    in_scope = None
+    if limited is not None:  # only the shards holding one of the first N inputs are processed now
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        hit = plan.filter(pc.is_in(plan.column("source_uri"), value_set=pa.array(sorted(limited), plan.column("source_uri").type)))
+        in_scope = set(pc.unique(hit.column("shard")).to_pylist())
     for task in shards:
         marker = found.get(task.shard)
+        if in_scope is not None and task.shard not in in_scope:
+            if task.shard in matching and task.shard in files.parts and marker_agrees(marker, parts.get(task.shard)):
+                job.markers[task.shard] = marker  # committed earlier: counted, kept
+            else:
+                job.withdrawn.append(task)  # its old part would be stale: hidden until a full run
+            continue
         if task.shard not in matching:
             job.todo.append(task)
         elif task.shard in files.parts and marker_agrees(marker, parts.get(task.shard)):
@@ -483,8 +558,81 @@ def _repair(layout: OutputLayout, files: _OutputFiles, plan_ids, todo: List[Shar
             storage.delete(uri)
 
 
-_DIFFERENT_JOB = ("{output} holds results of a different configuration or model; "
+_DIFFERENT_JOB = ("{output} holds results of a different configuration or model ({what}); "
                   "use a new --output or pass --overwrite to replace them")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ExplainConfig fields -> the option a user passes (names that differ from --field-name).
+_OPTION_OF = {"model.kind": "--model", "model.weights": "--weights", "model.model_file": "--model-file",
+              "model.class_names_file": "--class-names", "model.seed": "--seed"}
+
+
+def _config_diff(previous: dict, config: ExplainConfig) -> str:
+    """Which result-changing settings differ between DST/job.json and this run, e.g.
+    `--cam-method: gradcam then, layercam now`."""
+    old = dict(previous.get("config") or {})
+    new = _redacted(config.to_dict())
+    ignored = set(NON_RESULT_FIELDS)
+    old_flat = {k: v for k, v in _flat(old).items() if k.split(".")[0] not in ignored}
+    new_flat = {k: v for k, v in _flat(new).items() if k.split(".")[0] not in ignored}
+    diffs = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        a, b = old_flat.get(key), new_flat.get(key)
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            option = _OPTION_OF.get(key, "--" + key.split(".")[-1].replace("_", "-"))
+            diffs.append(f"{option}: {_show(a)} then, {_show(b)} now")
+    return "; ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") if diffs \
+        else "an earlier version of the settings"
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def _check_access(config: ExplainConfig) -> None:
+    """Credentials, endpoints and output permissions, checked before the model loads (exit 5)."""
+    from workers.storage import storage_for
+
+    try:
+        for uri in config.inputs:
+            storage_for(uri).check_access(uri, write=False)
+        storage_for(config.output).check_access(config.output, write=True)
+    except StorageError as exc:  # e.g. a bucket that does not exist: the command line is wrong
+        raise ConfigError(str(exc)) from None
+
+
+def _limit_listing(listing, limit: int, previous_plan):
+    """`--limit N`: the first N inputs of the sorted listing, plus the inputs an earlier plan in this
+    output already holds that still exist (so a limited run never reports them removed or drops
+    their committed shards). Returns (listing to plan, set of the first N URIs)."""
+    import pyarrow.compute as pc
+
+    first = listing.slice(0, limit)
+    wanted = set(first.column("source_uri").to_pylist())
+    if previous_plan is None or previous_plan.num_rows == 0:
+        return first, wanted
+    keep = pc.or_(pc.is_in(listing.column("source_uri"), value_set=previous_plan.column("source_uri").combine_chunks()),
+                  pc.is_in(listing.column("source_uri"), value_set=first.column("source_uri").combine_chunks()))
+    return listing.filter(keep), wanted
+
+
+_PROGRESS_GROUP = "progress"
 
 
 class _Workers:
@@ -517,9 +665,13 @@ class _Workers:
         settings["s3_endpoint_url"] = s3_endpoint(config.s3_endpoint_url)
         settings["model_fingerprint"] = self.model_fingerprint
         # OpenCV reads its pixel cap once, when cv2 loads: set it before the worker imports anything.
-        env = worker_env({OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS)})
+        env = worker_env({"TF_CPP_MIN_LOG_LEVEL": tf_log_level(), OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS)})
+        if os.environ.get(VERBOSE_ENV):
+            env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
         options = {"num_cpus": shape["num_cpus"], "num_gpus": shape["num_gpus"],
-                   "runtime_env": {"env_vars": env}}
+                   "runtime_env": {"env_vars": env},
+                   # `progress` answers in its own thread while both shard slots are busy.
+                   "concurrency_groups": {_PROGRESS_GROUP: 1}}
         if shape["num_gpus"] == 0 and shape["count"] > 1:
             options["scheduling_strategy"] = "SPREAD"
         from workers.shard_worker import ExplainWorker
@@ -537,14 +689,44 @@ class _Workers:
             markers[task.shard] = marker
             log.shard_done(len(task), marker)
 
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll_progress, args=(stop,), name="progress", daemon=True)
+        poller.start()
+
         def failed(task, reason):
             result.failed_shards.append(task.shard)
             result.failure_reasons[task.shard] = reason
             log.message(f"shard {task.shard} failed after {config.max_shard_retries} retries: {reason}")
 
-        self.pool.run("process_shard", todo, done, failed, max_retries=config.max_shard_retries,
-                      extra_args=(config.result_fingerprint(),))
+        try:
+            self.pool.run("process_shard", todo, done, failed, max_retries=config.max_shard_retries,
+                          extra_args=(config.result_fingerprint(),))
+        finally:
+            stop.set()
+            poller.join(timeout=5)
         result.processing_seconds = time.perf_counter() - ready
+
+    def _poll_progress(self, stop: threading.Event, every_s: float = 1.0) -> None:
+        """Sums the workers' per-batch counters every second for `Progress.batches_done`. Best
+        effort: a worker that is busy starting, dying or replaced is simply not counted this time."""
+        import ray
+
+        while not stop.wait(every_s):
+            pool = self.pool
+            if pool is None:
+                return
+            try:
+                refs = [a.progress.options(concurrency_group=_PROGRESS_GROUP).remote() for a in pool.actors]
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=every_s)
+                total = 0
+                for ref in ready:
+                    try:
+                        total += int(ray.get(ref))
+                    except Exception:
+                        pass
+            except Exception:
+                continue
+            self.log.batches_done(total)
 
     def __exit__(self, *exc):
         import ray

@@ -135,7 +135,7 @@ class FiltersConfig:
             raise FiltersConfigError(f"unknown model {m.kind!r}; expected one of {', '.join(model_kinds())}")
         if m.model_file and scheme_of(m.model_file) == "file" and not os.path.isfile(m.model_file):
             raise FiltersConfigError(f"model file not found: {m.model_file}")
-        if m.weights not in ("imagenet", "random") and not os.path.isfile(m.weights):
+        if m.weights not in ("imagenet", "random", "model-file") and not os.path.isfile(m.weights):
             raise FiltersConfigError(f"--weights must be imagenet, random or an existing file, received {m.weights!r}")
         if m.kind == "keras" and not m.model_file:
             raise FiltersConfigError("--model keras needs --model-file PATH")
@@ -177,7 +177,7 @@ class FiltersConfig:
         model = m
         if m.model_file and scheme_of(m.model_file) == "file":
             model = dataclasses.replace(model, model_file=os.path.abspath(m.model_file))
-        if m.weights not in ("imagenet", "random"):
+        if m.weights not in ("imagenet", "random", "model-file"):
             model = dataclasses.replace(model, weights=os.path.abspath(m.weights))
         return dataclasses.replace(self, output=output, model=model, layers=layers,
                                    learning_rate=float(lr))

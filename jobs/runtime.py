@@ -36,11 +36,9 @@ class JobInterrupted(SystemExit):
         super().__init__(EXIT_SIGTERM)
 
 
-class EnvironmentProblem(RuntimeError):
-    """Storage, credentials or permissions failed in a way the user must fix (the CLI exits 5).
-    The message is one line."""
-
-    exit_code = 5
+# One class for the whole project (the CLI maps it to exit 5); defined on the workers/ side, which
+# raises it from the storage seam too.
+from workers.environment import EnvironmentProblem  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- signals

@@ -16,6 +16,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 from workers.preprocessing import Preprocessing
 
 CATS_DOGS_CLASSES = ("cat", "dog")
+# `weights` value meaning "the weights stored in --model-file" (the default whenever a model file is given).
+WEIGHTS_FROM_MODEL_FILE = "model-file"
+
+
+def default_weights(kind: str, model_file: Optional[str]) -> str:
+    """The weights a model uses when none are named: the model file's own, else ImageNet."""
+    return WEIGHTS_FROM_MODEL_FILE if model_file else "imagenet"
 
 
 class ModelError(ValueError):
@@ -28,7 +35,9 @@ class ModelSpec:
 
     Attributes:
         kind: registry name: "vgg16", "cats_dogs" or "keras".
-        weights: "imagenet", "random" or a path to a weights / full-model file.
+        weights: "imagenet", "random", a path to a weights / full-model file, or "model-file" (the
+            weights stored in `model_file`). None picks by kind: "model-file" when `model_file` is
+            given, else "imagenet".
         model_file: a `.keras` or legacy `.h5` model (cats_dogs, keras).
         input_size: overrides the input size where the architecture allows it (random-weight VGG16).
         scaling: overrides the preprocessing scaling (keras kind; others have their own).
@@ -39,7 +48,7 @@ class ModelSpec:
     """
 
     kind: str
-    weights: str = "imagenet"
+    weights: Optional[str] = None
     model_file: Optional[str] = None
     input_size: Optional[int] = None
     scaling: Optional[str] = None
@@ -47,6 +56,10 @@ class ModelSpec:
     class_names_file: Optional[str] = None
     seed: int = 0
     unsafe_model_code: bool = False
+
+    def __post_init__(self):
+        if self.weights is None:  # recorded resolved, so job.json says which weights were used
+            object.__setattr__(self, "weights", default_weights(self.kind, self.model_file))
 
 
 @dataclasses.dataclass
@@ -353,10 +366,12 @@ def _build_vgg16(spec: ModelSpec) -> LoadedModel:
     import keras
 
     size = spec.input_size or 224
-    if spec.weights == "imagenet":
+    if spec.model_file:
+        model = load_model_file(spec.model_file, safe_mode=not spec.unsafe_model_code)
+    elif spec.weights == "imagenet":
         if size != 224:
             raise ModelError(f"VGG16 with ImageNet weights and its classifier top needs 224 px input, received {size}")
-        model = keras.applications.VGG16(weights="imagenet")  # Keras' download, cached in ~/.keras
+        model = _download_imagenet_vgg16()
     elif spec.weights == "random":
         keras.utils.set_random_seed(spec.seed)
         model = keras.applications.VGG16(weights=None, input_shape=(size, size, 3))
@@ -381,6 +396,29 @@ def _build_vgg16(spec: ModelSpec) -> LoadedModel:
         preprocessing=Preprocessing(hw[0], hw[1], spec.scaling or "vgg16", spec.interpolation),
         output_kind=output_kind_of(model),
     )
+
+
+def _download_imagenet_vgg16():
+    """VGG16 with ImageNet weights: Keras' download (about 530 MB), cached in ~/.keras/models.
+
+    Raises:
+        EnvironmentProblem: the weights are not cached and cannot be downloaded.
+    """
+    import keras
+
+    from workers.environment import EnvironmentProblem
+
+    try:
+        return keras.applications.VGG16(weights="imagenet")
+    except Exception as exc:  # Keras wraps URLError/HTTPError in a plain Exception("URL fetch failure...")
+        text = f"{exc} {exc.__cause__ or ''} {exc.__context__ or ''}"
+        if not any(k in text for k in ("URL fetch failure", "urlopen", "HTTP Error", "Errno", "timed out")):
+            raise
+        cache = os.path.join(os.environ.get("KERAS_HOME") or os.path.expanduser("~/.keras"), "models")
+        raise EnvironmentProblem(
+            "cannot download VGG16's ImageNet weights (no network?): run once where the network is "
+            f"reachable to cache them in {cache}, or use --weights random or a weights file"
+        ) from None
 
 
 def build_cats_dogs_convnet(size: int = 150):

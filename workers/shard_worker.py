@@ -15,25 +15,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from workers.labels import LabelMatcher, resolve_cam_classes  # noqa: F401 (resolve_cam_classes: re-exported)
 from workers.tf_runtime import configure_tensorflow
-
-
-def resolve_cam_classes(labels, cam_class, class_names) -> np.ndarray:
-    """Per image class to explain: -1 = predicted; a fixed index; or the folder label's class."""
-    n = len(labels)
-    if cam_class == "pred":
-        return np.full(n, -1, np.int32)
-    if isinstance(cam_class, int):
-        return np.full(n, cam_class, np.int32)
-    lookup = {name.lower(): i for i, name in enumerate(class_names)}
-    out = np.full(n, -1, np.int32)
-    for i, label in enumerate(labels):
-        if label is None:
-            continue
-        key = label.lower()
-        # cats/ and dogs/ folders name the classes cat and dog
-        out[i] = lookup.get(key, lookup.get(key[:-1], -1) if key.endswith("s") else -1)
-    return out
 
 
 class ExplainWorker:
@@ -73,6 +56,7 @@ class ExplainWorker:
             top_k=settings.get("top_k", 5),
         )
         self.layout = OutputLayout(settings["output"])
+        self.labels = LabelMatcher(self.loaded.class_names)
         self.read_pool = ThreadPoolExecutor(settings.get("read_threads", 4), thread_name_prefix="read")
         self.write_pool = ThreadPoolExecutor(settings.get("write_threads", 4), thread_name_prefix="write")
         # Two shards may run at once (actor max_concurrency=2) so one's decode overlaps the other's
@@ -82,12 +66,22 @@ class ExplainWorker:
 
         # Decoded images held by this actor, over both shards in flight (see workers/reader.py).
         self.byte_budget = ByteBudget(settings.get("max_decoded_bytes") or 2 * 1024**3)
+        # Images through compute since start: the driver polls it (`progress`) for progress lines
+        # between shard commits.
+        self._computed = 0
+        self._count_lock = threading.Lock()
         # Warm the compiled step so the first shard's timing is not the trace.
         h, w = self.loaded.preprocessing.size
         self.step(np.zeros((1, h, w, 3), np.uint8))
 
     def ping(self) -> str:
         return "ok"
+
+    def progress(self) -> int:
+        """Images read and computed by this worker so far (error rows included). Cheap: the driver
+        calls it every few seconds in the actor's own `progress` concurrency group, so it answers
+        while both shard slots are busy."""
+        return self._computed
 
     def describe(self) -> dict:
         return {
@@ -123,7 +117,7 @@ class ExplainWorker:
             if good:
                 images = np.stack([item.model_input for item in good])
                 requested = resolve_cam_classes([item.label for item in good], s.get("cam_class", "pred"),
-                                                self.loaded.class_names)
+                                                self.loaded.class_names, self.labels)
                 with self.compute_lock:
                     out = self.step(images, requested)
                     grid_maps, take = None, 0
@@ -143,6 +137,8 @@ class ExplainWorker:
                     in_flight.append(fut)
                 else:
                     rows.append(writer.error_row(item))
+            with self._count_lock:
+                self._computed += len(batch)
             # Bound memory: original images wait in the write queue until encoded.
             while len(in_flight) > max_in_flight:
                 in_flight.popleft().result()

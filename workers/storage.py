@@ -115,6 +115,14 @@ class Storage:
         """Returns `(pyarrow.fs.FileSystem, path)` for reading Parquet datasets under `root`."""
         raise NotImplementedError
 
+    def check_access(self, uri: str, write: bool = False) -> None:
+        """Fails fast, before the job loads a model or starts Ray, when `uri` cannot be used from
+        this machine (no credentials, endpoint unreachable, no permission to write).
+
+        Raises:
+            workers.environment.EnvironmentProblem: one line naming the fix.
+        """
+
     # -- conditional writes (the output lease, workers/lease.py) ------------------------------------
     # A "version" is an opaque token that changes whenever the object's bytes change (sha256 of the
     # content locally, the ETag on S3). Times are the STORE's clock, never the caller's: a lease's
@@ -415,6 +423,45 @@ class LocalStorage(Storage):
                 return False
             os.remove(path)
         return True
+
+    def check_access(self, uri, write=False):
+        """For outputs: the folder can be created and written (read-only folder, /sys, a path
+        under a file). Leaves nothing behind: a probe file and any folder made here are removed."""
+        from workers.environment import EnvironmentProblem
+
+        if not write:
+            return
+        path = self._path(uri)
+        existing = path
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise EnvironmentProblem(
+                f"cannot write output {path}: {existing} is a file, not a folder; choose another --output")
+        created = []
+        try:
+            missing = []
+            folder = path
+            while not os.path.lexists(folder):
+                missing.append(folder)
+                folder = os.path.dirname(folder)
+            for folder in reversed(missing):
+                os.mkdir(folder)
+                created.append(folder)
+            probe = os.path.join(path, f"{TEMP_PREFIX}{uuid.uuid4().hex}-write-probe{TEMP_SUFFIX}")
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"cannot write output {path}: {exc.strerror or exc}; choose a writable --output "
+                "or fix the folder's permissions") from None
+        finally:
+            for folder in reversed(created):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
 
 
 _BACKENDS: Dict[str, Callable[[], Storage]] = {"file": LocalStorage}

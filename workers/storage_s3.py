@@ -206,6 +206,54 @@ class S3Storage(Storage):
             return self.configured_endpoint()
         return None if _is_aws_endpoint(endpoint) else endpoint
 
+    # -- access check ------------------------------------------------------------------------------
+
+    # The first contact with the store uses a short connect timeout and one retry: a wrong endpoint
+    # or missing credentials is reported in seconds, not after the data path's 10 backed-off attempts.
+    PROBE_CONNECT_TIMEOUT_S = 3
+    PROBE_MAX_ATTEMPTS = 2
+
+    def check_access(self, uri, write=False):
+        """One small LIST under `uri` through a fail-fast client: credentials, endpoint, bucket and
+        read permission. Write permission shows on the first write (the driver maps it)."""
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
+                                         EndpointConnectionError, NoCredentialsError,
+                                         PartialCredentialsError)
+
+        from workers.environment import EnvironmentProblem
+
+        bucket, key = split_uri(uri)
+        endpoint = self.configured_endpoint()
+        config = Config(connect_timeout=self.PROBE_CONNECT_TIMEOUT_S, read_timeout=15,
+                        retries={"mode": "standard", "max_attempts": self.PROBE_MAX_ATTEMPTS})
+        where = f"S3 endpoint {endpoint}" if endpoint else "S3"
+        try:
+            client = boto3.session.Session().client("s3", config=config,
+                                                    **({"endpoint_url": endpoint} if endpoint else {}))
+            client.list_objects_v2(Bucket=bucket, Prefix=self._dir_prefix(key), MaxKeys=1)
+        except (NoCredentialsError, PartialCredentialsError):
+            raise EnvironmentProblem(
+                f"no AWS credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE, or run where an instance profile provides them") from None
+        except (EndpointConnectionError, ConnectTimeoutError) as exc:
+            raise EnvironmentProblem(
+                f"cannot reach {where} for {uri} ({type(exc).__name__}): check --s3-endpoint-url "
+                "(or AWS_ENDPOINT_URL_S3) and the network") from None
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code == "NoSuchBucket":
+                raise StorageError(f"S3 bucket does not exist: s3://{bucket}") from None
+            if code in _DENIED_CODES:
+                raise EnvironmentProblem(
+                    f"access denied to {uri} ({code}): check the credentials (AWS_PROFILE, "
+                    "AWS_ACCESS_KEY_ID) and the bucket's policy") from None
+            raise EnvironmentProblem(f"{where} refused {uri}: {code or exc}") from None
+        except BotoCoreError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EnvironmentProblem(f"cannot use {where} for {uri}: {first}") from None
+
     # -- listing -----------------------------------------------------------------------------------
 
     def _paginate(self, bucket: str, prefix: str) -> Iterator[dict]:

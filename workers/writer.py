@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
 from workers import image_io
 from workers.faults import fault_point
+from workers.labels import LabelMatcher
 from workers.layout import OutputLayout
 from workers.reader import DecodedImage
 
@@ -117,9 +118,12 @@ class ShardWriter:
         self.class_names = list(class_names)
         self.activation_layers = list(activation_layers)
         self.overlay_quality = overlay_quality
+        self.labels = LabelMatcher(self.class_names)
 
     def error_row(self, item: DecodedImage) -> dict:
-        return base_row(item, self.shard)
+        row = base_row(item, self.shard)
+        row["label_index"] = self.labels.index(item.label)
+        return row
 
     def image_row(self, item: DecodedImage, result: Dict[str, np.ndarray],
                   activation_maps: Optional[List[np.ndarray]] = None) -> dict:
@@ -128,6 +132,7 @@ class ShardWriter:
         `result` holds this image's slice of the compiled step's outputs.
         """
         row = base_row(item, self.shard)
+        row["label_index"] = self.labels.index(item.label)
         try:
             h, w = item.bgr.shape[:2]
             cam_full = image_io.upsample_cam(result["cam"], w, h)
@@ -169,6 +174,8 @@ class ShardWriter:
                     for name, s in zip(self.activation_layers, stats)
                 ],
                 activation_grid_uris=grid_uris,
+                correct=None if row["label_index"] is None else pred == row["label_index"],
+                cam_spread=cam_spread(cam_full),
             )
         except Exception as exc:  # a write failure is this image's error, not the shard's
             row.update(status="error", error=f"cannot write outputs: {type(exc).__name__}: {exc}".replace("\n", " "))
@@ -243,6 +250,15 @@ class ShardWriter:
                     self.storage.delete(uri)
                     deleted += 1
         return deleted
+
+
+def cam_spread(cam_full: np.ndarray) -> Optional[float]:
+    """Share of the heatmap's pixels (original size) above half its maximum: small for a focused
+    map, near 1 for a flat one whose peak means little. None for an all-zero map."""
+    peak = float(cam_full.max()) if cam_full.size else 0.0
+    if not peak > 0.0:
+        return None
+    return float(np.count_nonzero(cam_full > 0.5 * peak)) / cam_full.size
 
 
 def rss_bytes() -> int:
