@@ -98,7 +98,6 @@ def list_inputs(inputs: Sequence[str], verify_content: bool = False) -> pa.Table
         chunks["label"].append(pa.array([label_of(e.uri, root) for e in entries], _TEXT))
         chunks["size"].append(pa.array([e.size for e in entries], pa.int64()))
         chunks["version"].append(pa.array(versions, _TEXT))
-        pa.default_memory_pool().release_unused()  # builders' growth, given back each chunk
 
     try:
         for root in inputs:
@@ -127,7 +126,7 @@ def list_inputs(inputs: Sequence[str], verify_content: bool = False) -> pa.Table
     for name, t in _COLUMNS:
         column = uris if name == "source_uri" else pa.chunked_array(chunks.pop(name), t)
         uris = None
-        columns[name] = column.combine_chunks() if order is None else column.take(order)
+        columns[name] = column if order is None else column.take(order)
         del column
         pa.default_memory_pool().release_unused()
     del order
