@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder or s3://bucket/prefix (repeatable)")
     run.add_argument("--output", required=True, metavar="DST", help="folder or s3://bucket/prefix")
     _add_model_arguments(run)
-    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--batch-size", type=_batch_size, default="auto",
+                     help="images per compiled step, or auto (default): on a GPU the largest power of two "
+                          "that fits, on a CPU 32")
     run.add_argument("--shard-size", type=int, default=256)
     run.add_argument("--top-k", type=int, default=5)
     run.add_argument("--cam-class", default="pred", help="pred, label (the folder's class) or a class index")
@@ -70,8 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--interpolation", default="nearest", help="resize: nearest (Keras load_img), bilinear, ...")
     run.add_argument("--class-names", default=None, help="class names file (one per line or a JSON list)")
     run.add_argument("--overlay-quality", type=int, default=90)
-    run.add_argument("--read-threads", type=int, default=4)
-    run.add_argument("--write-threads", type=int, default=4)
+    run.add_argument("--read-threads", type=int, default=None,
+                     help="decode threads per worker (default: derived from the CPUs the worker holds)")
+    run.add_argument("--write-threads", type=int, default=None,
+                     help="encode/write threads per worker (default: derived from the CPUs the worker holds)")
+    run.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"],
+                     help="Keras backend of the driver and the workers (jax needs the jax extra)")
+    run.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                     help="Keras dtype policy of the model; CAMs, statistics and probabilities stay float32")
+    run.add_argument("--overlay-max-side", type=int, default=None, metavar="N",
+                     help="write overlays and heatmaps with the long side at most N px (default: original size)")
     run.add_argument("--max-error-rate", type=float, default=1.0,
                      help="exit 1 when more than this fraction of images are error rows")
     run.add_argument("--overwrite", action="store_true", help="recompute everything in DST")
@@ -85,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         filters = sub.add_parser("filters", help="visualize every filter of conv layers by gradient ascent")
         filters_job.add_arguments(filters)
     return parser
+
+
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, received {text!r}") from None
 
 
 def explain_config_from_args(args):
@@ -125,6 +144,9 @@ def explain_config_from_args(args):
         overwrite=args.overwrite,
         max_error_rate=args.max_error_rate,
         s3_endpoint_url=args.s3_endpoint_url,
+        backend=args.backend,
+        precision=args.precision,
+        overlay_max_side=args.overlay_max_side,
     )
 
 
@@ -136,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(exc))
     from jobs.config import ConfigError
     from jobs.distribute import WorkerStartError
-    from workers.tf_runtime import import_tensorflow_quietly
+    from workers.backends import BackendError
+    from workers.tf_runtime import import_backend_quietly, import_tensorflow_quietly
 
     try:
         # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
@@ -144,7 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from jobs.driver import run_explain
 
             config = explain_config_from_args(args).validated()
-            import_tensorflow_quietly()
+            # KERAS_BACKEND before anything imports Keras; with jax, TensorFlow is never imported.
+            import_backend_quietly(config.backend)
             result = run_explain(config, progress=not args.quiet)
         else:
             from jobs import filters_job
@@ -152,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             config = filters_job.config_from_args(args)
             import_tensorflow_quietly()
             result = filters_job.run_filters(config)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, BackendError, ValueError) as exc:
         return _fail(str(exc))
     except WorkerStartError as exc:
         print(f"bulk-explain: error: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ from jobs.plan import ShardTask, iter_shards, list_inputs, make_plan, plan_chang
 from jobs.progress import Progress
 from workers.faults import ENV_PREFIX as _FAULT_ENV_PREFIX, fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
+from workers.backends import BackendError, BACKEND_ENV, select_backend
 from workers.layout import OutputLayout
 from workers.models import ModelError
 from workers.storage import StorageError, is_temp_name
@@ -94,11 +95,12 @@ def library_versions() -> dict:
     import numpy
     import pyarrow
     import ray
-    import tensorflow
+
+    from workers.backends import get_backend
 
     return {
         "python": platform.python_version(),
-        "tensorflow": tensorflow.__version__,
+        **get_backend().versions(),  # tensorflow, or jax + jaxlib (TF is not imported under jax)
         "keras": keras.__version__,
         "ray": ray.__version__,
         "numpy": numpy.__version__,
@@ -107,7 +109,7 @@ def library_versions() -> dict:
     }
 
 
-def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_threads) -> dict:
+def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_threads, cpus=None) -> dict:
     return {
         "model": dataclasses.asdict(config.model),
         "output": config.output,
@@ -123,6 +125,11 @@ def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_t
         "read_threads": config.read_threads,
         "write_threads": config.write_threads,
         "tf_threads": tf_threads,
+        "backend": config.backend,
+        "precision": config.precision,
+        "overlay_max_side": config.overlay_max_side,
+        "cpus": cpus,  # the CPUs the worker holds: sizes its read/write pools when not given
+        "shard_size": config.shard_size,
     }
 
 
@@ -292,6 +299,11 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> JobResult:
 def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     t0 = time.perf_counter()
     config = config.validated()
+    try:
+        # The driver loads the model too: Keras must run the job's backend here before it is imported.
+        select_backend(config.backend)
+    except BackendError as exc:
+        raise ConfigError(str(exc)) from None
     layout = OutputLayout(config.output)
     storage = layout.storage
     fingerprint = config.result_fingerprint()
@@ -375,6 +387,7 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     try:
         with _Workers(config, needed=bool(todo), log=log) as workers:
             if todo:
+                workers.on_ready = lambda described: _record_workers(storage, layout, job, described)
                 workers.run(todo, markers, result, t0)
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ray's wait() turns an exception raised by a signal handler into SystemExit(1): the flag
@@ -439,6 +452,14 @@ def _repair(layout: OutputLayout, files: _OutputFiles, plan_ids, todo: List[Shar
             storage.delete(uri)
 
 
+def _record_workers(storage, layout: OutputLayout, job: dict, described: List[dict]) -> None:
+    """Adds what the workers resolved at start-up (batch size, threads, device) to job.json."""
+    job["workers"] = [{k: d.get(k) for k in ("batch_size", "read_threads", "write_threads", "device", "backend",
+                                             "precision")} for d in described]
+    job["batch_size"] = sorted({d.get("batch_size") for d in described if d.get("batch_size")})
+    storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
+
+
 _DIFFERENT_JOB = ("{output} holds results of a different configuration or model; "
                   "use a new --output or pass --overwrite to replace them")
 
@@ -450,6 +471,7 @@ class _Workers:
         self.config, self.needed, self.log = config, needed, log
         self.pool = None
         self.started = False
+        self.on_ready = None  # called with every worker's describe() once all have loaded
 
     def __enter__(self):
         if not self.needed:
@@ -458,9 +480,11 @@ class _Workers:
         self.started = connect(config.address)
         _reclaim_sigterm()
         shape = plan_workers(config.workers, cluster_resources(), config.gpus_per_worker)
-        settings = worker_settings(config, config.activation_layers, config.target_layer, shape["tf_threads"])
+        settings = worker_settings(config, config.activation_layers, config.target_layer, shape["tf_threads"],
+                                   cpus=shape["num_cpus"])
         # OpenCV reads its pixel cap once, when cv2 loads: set it before the worker imports anything.
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS)}
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS),
+               BACKEND_ENV: config.backend}  # set before the worker imports Keras
         for var in ("BULK_EXPLAIN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             if os.environ.get(var):
                 env[var] = os.environ[var]
@@ -482,6 +506,10 @@ class _Workers:
     def run(self, todo: List[ShardTask], markers: Dict[int, dict], result: JobResult, t0: float) -> None:
         config, log = self.config, self.log
         self.pool.wait_ready()
+        if self.on_ready is not None:
+            import ray
+
+            self.on_ready(ray.get([a.describe.remote() for a in self.pool.actors]))
         ready = time.perf_counter()
         result.startup_seconds = ready - t0
 

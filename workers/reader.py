@@ -5,12 +5,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 from concurrent.futures import Executor
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
 # image_io first: it sets OpenCV's pixel cap before cv2 is loaded.
-from workers.image_io import MAX_FILE_BYTES, ImageDecodeError, decode_bgr, image_id
+from workers.image_io import (MAX_FILE_BYTES, ImageDecodeError, decode_bgr, display_size, image_id,
+                              reduced_decode_factor)
 
 import cv2  # noqa: E402  (after image_io on purpose)
 from workers.preprocessing import Preprocessing
@@ -30,6 +31,8 @@ class DecodedImage:
     bgr: Optional[np.ndarray] = None  # original size, display orientation, OpenCV channel order
     model_input: Optional[np.ndarray] = None  # RGB, resized to the model input size
     error: Optional[str] = None
+    # (width, height) of the original in display orientation when `bgr` was decoded reduced
+    original_size: Optional[Tuple[int, int]] = None
 
     @property
     def ok(self) -> bool:
@@ -41,8 +44,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def read_one(position, uri, label, size, version, preprocessing: Preprocessing) -> DecodedImage:
-    """Never raises: any failure becomes `DecodedImage.error` (one line)."""
+def read_one(position, uri, label, size, version, preprocessing: Preprocessing,
+             max_side: Optional[int] = None) -> DecodedImage:
+    """Never raises: any failure becomes `DecodedImage.error` (one line).
+
+    With `max_side` (outputs at most that long) a JPEG is decoded at 1/2, 1/4 or 1/8 size when
+    that still covers the model input and `max_side`; `original_size` then keeps the real size.
+    """
     item = DecodedImage(position, uri, label, size, version)
     if size is not None and size > MAX_FILE_BYTES:
         item.error = f"file is {size:,} bytes, over the {MAX_FILE_BYTES:,} byte cap; not read"
@@ -66,7 +74,10 @@ def read_one(position, uri, label, size, version, preprocessing: Preprocessing) 
         return item
     item.image_id = image_id(data)
     try:
-        item.bgr = decode_bgr(data)
+        factor = reduced_decode_factor(data, max(preprocessing.size), max_side)
+        item.bgr = decode_bgr(data, factor)
+        if factor > 1:
+            item.original_size = display_size(data)
         # Resize first, then swap channels on the small image: the full-size image stays BGR for
         # the overlay, so no full-size colour conversion happens at all.
         item.model_input = cv2.cvtColor(preprocessing.resize(item.bgr), cv2.COLOR_BGR2RGB)
@@ -78,7 +89,7 @@ def read_one(position, uri, label, size, version, preprocessing: Preprocessing) 
 
 
 def iter_decoded_batches(task, preprocessing: Preprocessing, batch_size: int, pool: Executor,
-                         lookahead_batches: int = 2) -> Iterator[List[DecodedImage]]:
+                         lookahead_batches: int = 2, max_side: Optional[int] = None) -> Iterator[List[DecodedImage]]:
     """Yields the shard's images in order, `batch_size` at a time, decoding up to
     `lookahead_batches` batches ahead so decode overlaps compute. Memory stays bounded by the window."""
     n = len(task.uris)
@@ -91,7 +102,7 @@ def iter_decoded_batches(task, preprocessing: Preprocessing, batch_size: int, po
         while next_index < n and len(pending) < window:
             i = next_index
             pending.append(pool.submit(read_one, i, task.uris[i], task.labels[i], task.sizes[i],
-                                       task.versions[i], preprocessing))
+                                       task.versions[i], preprocessing, max_side))
             next_index += 1
 
     fill()
