@@ -44,7 +44,8 @@ class Backend:
         raise NotImplementedError
 
     def compile(self, fn: Callable, models: Sequence, jit_compile: Optional[bool] = None) -> Callable:
-        """Returns `fn` compiled for fixed shapes; the result takes and returns NumPy arrays.
+        """Returns `fn` compiled for fixed shapes; the result takes and returns NumPy arrays, and
+        its `raw` attribute is the same function returning backend tensors (for chained calls).
 
         Args:
             fn: a function of array arguments returning a dict (or tuple) of tensors, written with

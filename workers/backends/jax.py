@@ -58,11 +58,13 @@ class JaxBackend(Backend):
 
         jitted = jax.jit(pure)
 
-        def call(*args):
-            out = jitted([v.value for v in variables], *args)
-            return jax.tree_util.tree_map(np.asarray, out)
+        def raw(*args):
+            return jitted([v.value for v in variables], *args)
 
-        call.traced = jitted
+        def call(*args):
+            return jax.tree_util.tree_map(np.asarray, raw(*args))
+
+        call.raw = raw  # backend arrays out: chained calls keep their data on the device
         return call
 
     def value_and_grad(self, model, inputs: List, wrt: int, head: Callable):

@@ -38,7 +38,7 @@ class TensorFlowBackend(Backend):
         def call(*args):
             return tf.nest.map_structure(lambda t: t.numpy(), compiled(*args))
 
-        call.traced = compiled
+        call.raw = compiled  # backend tensors out: chained calls keep their data on the device
         return call
 
     def value_and_grad(self, model, inputs: List, wrt: int, head: Callable):
