@@ -455,7 +455,7 @@ def _repair(layout: OutputLayout, files: _OutputFiles, plan_ids, todo: List[Shar
 def _record_workers(storage, layout: OutputLayout, job: dict, described: List[dict]) -> None:
     """Adds what the workers resolved at start-up (batch size, threads, device) to job.json."""
     job["workers"] = [{k: d.get(k) for k in ("batch_size", "read_threads", "write_threads", "device", "backend",
-                                             "precision")} for d in described]
+                                             "precision", "tensorflow_imported")} for d in described]
     job["batch_size"] = sorted({d.get("batch_size") for d in described if d.get("batch_size")})
     storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,7 @@ class ExplainWorker:
             "device": "gpu" if self.gpu else "cpu",
             "backend": self.backend.name,
             "precision": self.settings.get("precision", "float32"),
+            "tensorflow_imported": "tensorflow" in sys.modules,  # False under jax: TF never loaded
         }
 
     def process_shard(self, task, result_fingerprint: str = "") -> dict:
