@@ -85,6 +85,12 @@ class ExplainWorker:
         # compute; the compiled step itself runs one batch at a time.
         self.compute_lock = threading.Lock()
         self.gpu = self.backend.has_gpu()
+        if self.gpu:
+            # The pools already use every core: OpenCV's own worker threads inside each resize /
+            # encode would only contend with them (the host ceiling in bench/GPU.md is measured so).
+            import cv2
+
+            cv2.setNumThreads(1)
         batch = settings.get("batch_size", CPU_AUTO_BATCH)
         if batch == "auto" and self.gpu:
             self._largest_batch()
