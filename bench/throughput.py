@@ -4,6 +4,8 @@ times on shared machines are noise).
 
     python bench/throughput.py --model vgg16 --images 128
     python bench/throughput.py --model cats_dogs --images 512
+    python bench/throughput.py --model cats_dogs --images 512 --backend jax --skip-lecture
+    python bench/throughput.py --model vgg16 --compare-xla --skip-lecture   # TF: jit_compile on/off
 
 Prints images/s for:
   lecture   the lecture's procedure, one image at a time: load_img + preprocess, model.predict,
@@ -15,6 +17,8 @@ Prints images/s for:
             from "every worker has loaded its model" to "last shard committed" (JobResult's
             startup_seconds / processing_seconds)
 and the ratios job/ceiling and job/lecture. Random weights: the work per image is identical.
+`--backend jax` runs the ceiling and the job on Keras' JAX backend (the lecture loop is TensorFlow
+code: skipped there); `--compare-xla` adds the TensorFlow ceiling with and without XLA.
 """
 
 from __future__ import annotations
@@ -113,14 +117,20 @@ def main():
     ap.add_argument("--shard-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--skip-lecture", action="store_true")
+    ap.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"])
+    ap.add_argument("--compare-xla", action="store_true", help="TensorFlow: ceiling with jit_compile off and on")
     args = ap.parse_args()
 
+    from workers.backends import get_backend, select_backend
+
+    select_backend(args.backend)  # before Keras is imported
     from jobs import ExplainConfig, ModelSpec, run_explain
     from workers.explain_step import ExplainStep
     from workers.models import load_model
-    from workers.tf_runtime import configure_tensorflow
 
-    configure_tensorflow(os.cpu_count())
+    get_backend().configure(os.cpu_count())
+    if args.backend != "tensorflow":
+        args.skip_lecture = True  # the lecture's loop is TensorFlow code
     batch = args.batch_size or (16 if args.model == "vgg16" else 32)
     shard = args.shard_size or (32 if args.model == "vgg16" else 128)
     spec = ModelSpec(kind=args.model, weights="random")
@@ -129,10 +139,14 @@ def main():
         paths = make_images(os.path.join(tmp, "in"), args.images)
         loaded = load_model(spec)
         step = ExplainStep(loaded, batch_size=batch)
-        print(f"model {args.model}, {args.images} JPEGs 640x480, batch {batch}, shard {shard}, "
-              f"{os.cpu_count()} CPUs", flush=True)
+        print(f"model {args.model}, backend {args.backend}, {args.images} JPEGs 640x480, batch {batch}, "
+              f"shard {shard}, {os.cpu_count()} CPUs", flush=True)
         ceiling = compute_ceiling(step, loaded)
         print(f"ceiling  {ceiling:8.2f} img/s  (compiled step, pre-decoded batch, no I/O)", flush=True)
+        if args.compare_xla and args.backend == "tensorflow":
+            for jit in (False, True):
+                rate = compute_ceiling(ExplainStep(loaded, batch_size=batch, jit_compile=jit), loaded)
+                print(f"ceiling  {rate:8.2f} img/s  (TensorFlow jit_compile={jit})", flush=True)
         lecture = None
         if not args.skip_lecture:
             n_lecture = args.lecture_images or min(len(paths), 16 if args.model == "vgg16" else 64)
@@ -141,7 +155,7 @@ def main():
             print(f"lecture  {lecture:8.2f} img/s  (per-image procedure, {n_lecture} images)", flush=True)
         del loaded, step
         config = ExplainConfig(inputs=(os.path.join(tmp, "in"),), output=os.path.join(tmp, "out"), model=spec,
-                               batch_size=batch, shard_size=shard, workers=args.workers)
+                               batch_size=batch, shard_size=shard, workers=args.workers, backend=args.backend)
         t0 = time.perf_counter()
         result = run_explain(config, progress=False)
         wall = time.perf_counter() - t0

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder or s3://bucket/prefix (repeatable)")
     run.add_argument("--output", required=True, metavar="DST", help="folder or s3://bucket/prefix")
     _add_model_arguments(run)
-    run.add_argument("--batch-size", type=int, default=32, help="images per compiled step")
+    run.add_argument("--batch-size", type=_batch_size, default="auto",
+                     help="images per compiled step, or auto: on a GPU the largest power of two "
+                          "that fits, on a CPU 32")
     run.add_argument("--shard-size", type=int, default=256, help="images per unit of work and of commit")
     run.add_argument("--top-k", type=int, default=5, help="classes per image in the manifest")
     run.add_argument("--cam-class", default="pred",
@@ -116,8 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="class names file, one per line or a JSON list (default: ImageNet's for vgg16, "
                           "cat/dog for cats_dogs, indices for keras)")
     run.add_argument("--overlay-quality", type=int, default=90, help="JPEG quality of the overlays (1-100)")
-    run.add_argument("--read-threads", type=int, default=4, help="decode threads per worker")
-    run.add_argument("--write-threads", type=int, default=4, help="encode/write threads per worker")
+    run.add_argument("--read-threads", type=int, default=None,
+                     help="decode threads per worker (default: derived from the CPUs the worker holds)")
+    run.add_argument("--write-threads", type=int, default=None,
+                     help="encode/write threads per worker (default: derived from the CPUs the worker holds)")
+    run.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"],
+                     help="Keras backend of the driver and the workers (jax needs the jax extra)")
+    run.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                     help="Keras dtype policy of the model; CAMs, statistics and probabilities stay float32")
+    run.add_argument("--overlay-max-side", type=int, default=None, metavar="N",
+                     help="write overlays and heatmaps with the long side at most N px (default: original size)")
     run.add_argument("--max-error-rate", type=float, default=1.0,
                      help="exit 1 when more than this fraction of images are error rows")
     run.add_argument("--overwrite", action="store_true", help="recompute everything in DST")
@@ -155,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="show TensorFlow/CUDA/Ray start-up messages, Python warnings and tracebacks")
+
+
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, received {text!r}") from None
 
 
 def explain_config_from_args(args):
@@ -199,6 +218,9 @@ def explain_config_from_args(args):
         verify_content=args.verify_content,
         strict_labels=args.strict_labels,
         limit=args.limit,
+        backend=args.backend,
+        precision=args.precision,
+        overlay_max_side=args.overlay_max_side,
     )
 
 
@@ -253,6 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         config_errors += (FiltersConfigError,)
     except ImportError:
         pass
+    from workers.backends import BackendError
 
     try:
         # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
@@ -278,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = filters_job.run_filters(config, lease=lease)
     except OutputBusy as exc:
         return _fail(str(exc), OutputBusy.exit_code)
-    except config_errors as exc:
+    except config_errors + (BackendError,) as exc:
         return _fail(str(exc))
     except EnvironmentProblem as exc:
         return _fail(str(exc), EXIT_ENVIRONMENT)

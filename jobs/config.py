@@ -30,6 +30,12 @@ NON_RESULT_FIELDS = ("inputs", "output", "address", "workers", "gpus_per_worker"
                      "s3_endpoint_url", "strict_labels", "limit", "allow_removals", "verify_content",
                      "max_decoded_bytes")
 
+# `batch_size="auto"`: on a GPU the largest power of two that fits (found at worker start-up, halved
+# on out-of-memory); on a CPU DEFAULT_BATCH_SIZE.
+AUTO_BATCH = "auto"
+BACKENDS = ("tensorflow", "jax")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
 
 class ConfigError(ValueError):
     """The job cannot start as configured. The message is one line meant for the user."""
@@ -43,7 +49,8 @@ class ExplainConfig:
         inputs: local folders or s3:// prefixes, scanned recursively for images.
         output: local folder or s3:// prefix for outputs and manifests.
         model: which model and weights (see `workers.models.ModelSpec`).
-        batch_size: images per compiled step (fixed shape; the tail is padded).
+        batch_size: images per compiled step (fixed shape; the tail is padded), or "auto": on a GPU
+            the largest power of two that fits, found when the worker starts; on a CPU 32.
         shard_size: images per shard, the unit of work and of commit.
         address: None for an embedded local Ray; "auto" or "HOST:PORT"/"ray://..." to join a cluster.
         workers: number of model actors; None = one per GPU, else one per node on CPU.
@@ -56,7 +63,8 @@ class ExplainConfig:
         activation_layers: layers to summarize; None = every Conv2D and pooling layer.
         activation_grids: channel-grid PNGs for the first N images of each shard (0 = none).
         overlay_quality: JPEG quality of overlays.
-        read_threads, write_threads: decode/encode pool sizes inside each worker.
+        read_threads, write_threads: decode/encode pool sizes inside each worker; None = derived
+            from the CPUs the worker holds.
         overwrite: recompute everything, replacing a previous job in `output`.
         max_error_rate: fraction of error rows above which the job exits non-zero.
         max_shard_retries: attempts per shard after a worker failure before it is reported failed.
@@ -70,12 +78,18 @@ class ExplainConfig:
             (otherwise a warning, and those images explain the predicted class).
         limit: process only the first N inputs of the sorted listing (trying settings); inputs an
             earlier run in the same output planned stay in the plan (see `jobs.driver`).
+        backend: Keras backend of the driver and every worker: "tensorflow" or "jax".
+        precision: Keras dtype policy of the model: "float32", "mixed_bfloat16", "mixed_float16";
+            probabilities, CAMs and statistics are computed in float32 either way.
+        overlay_max_side: overlays and heatmaps are written with their long side at most this
+            many pixels (None: the original size); JPEGs are then decoded at 1/2, 1/4 or 1/8 scale
+            by libjpeg when that is still at least the model input and this size.
     """
 
     inputs: Tuple[str, ...]
     output: str
     model: ModelSpec
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: Union[int, str] = DEFAULT_BATCH_SIZE
     shard_size: int = DEFAULT_SHARD_SIZE
     address: Optional[str] = None
     workers: Optional[int] = None
@@ -88,8 +102,8 @@ class ExplainConfig:
     activation_layers: Optional[Tuple[str, ...]] = None
     activation_grids: int = 0
     overlay_quality: int = 90
-    read_threads: int = 4
-    write_threads: int = 4
+    read_threads: Optional[int] = None
+    write_threads: Optional[int] = None
     overwrite: bool = False
     max_error_rate: float = 1.0
     max_shard_retries: int = 2
@@ -99,6 +113,9 @@ class ExplainConfig:
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     strict_labels: bool = False
     limit: Optional[int] = None
+    backend: str = "tensorflow"
+    precision: str = "float32"
+    overlay_max_side: Optional[int] = None
 
     # ------------------------------------------------------------------ validation
 
@@ -154,12 +171,26 @@ class ExplainConfig:
             raise ConfigError(
                 f"unknown --interpolation {m.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"
             )
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown --backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.overlay_max_side is not None and (not isinstance(self.overlay_max_side, int)
+                                                  or isinstance(self.overlay_max_side, bool)
+                                                  or self.overlay_max_side < 16):
+            raise ConfigError(f"overlay max side must be an integer >= 16 pixels, received {self.overlay_max_side!r}")
+        batch_size = self.batch_size
+        if isinstance(batch_size, str) and batch_size != AUTO_BATCH:
+            try:
+                batch_size = int(batch_size)
+            except ValueError:
+                raise ConfigError(f"batch size must be an integer >= 1 or auto, received {batch_size!r}") from None
         for name, value, low in (
-            ("batch size", self.batch_size, 1),
+            ("batch size", 1 if batch_size == AUTO_BATCH else batch_size, 1),
             ("shard size", self.shard_size, 1),
             ("top-k", self.top_k, 1),
-            ("read threads", self.read_threads, 1),
-            ("write threads", self.write_threads, 1),
+            ("read threads", 1 if self.read_threads is None else self.read_threads, 1),
+            ("write threads", 1 if self.write_threads is None else self.write_threads, 1),
             ("activation grids", self.activation_grids, 0),
             ("max shard retries", self.max_shard_retries, 0),
             ("max decoded bytes", self.max_decoded_bytes, 1),
@@ -201,6 +232,7 @@ class ExplainConfig:
             output=output,
             model=model,
             cam_class=cam_class,
+            batch_size=batch_size,
             activation_layers=tuple(self.activation_layers) if self.activation_layers is not None else None,
         )
 

@@ -86,7 +86,9 @@ def plan_workers(requested: Optional[int], resources: Dict[str, Any],
     if gpus > 0:
         n = requested or gpus
         cpus_each = max(1, int(resources["cpus"] // max(n, 1)))
-        return {"count": n, "num_gpus": 1 if n <= gpus else gpus / n, "num_cpus": min(cpus_each, 4),
+        # A GPU actor takes its node's share of the cores: decode and encode feed the GPU, and
+        # its read/write pools are sized from these CPUs (bench/GPU.md: host work is the limit).
+        return {"count": n, "num_gpus": 1 if n <= gpus else gpus / n, "num_cpus": cpus_each,
                 "tf_threads": None}
     nodes = max(1, int(resources["nodes"]))
     n = requested or nodes

@@ -26,13 +26,14 @@ from jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_js
                           worker_env)
 from workers.faults import fault_point
 from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
+from workers.backends import BackendError, BACKEND_ENV, select_backend
 from workers.layout import OutputLayout
 from workers.environment import EnvironmentProblem
 from workers.labels import LabelMatcher, describe_unmatched
 from workers.lease import LeaseOptions, hold_output_lease
 from workers.models import ModelError
 from workers.storage import IMAGE_EXTENSIONS, StorageError, is_temp_name
-from workers.tf_runtime import VERBOSE_ENV, import_tensorflow_quietly, quiet_console, quiet_warnings, tf_log_level
+from workers.tf_runtime import VERBOSE_ENV, import_backend_quietly, quiet_console, quiet_warnings, tf_log_level
 from workers.writer import marker_agrees, read_part_commit
 
 
@@ -107,11 +108,12 @@ def library_versions() -> dict:
     import numpy
     import pyarrow
     import ray
-    import tensorflow
+
+    from workers.backends import get_backend
 
     return {
         "python": platform.python_version(),
-        "tensorflow": tensorflow.__version__,
+        **get_backend().versions(),  # tensorflow, or jax + jaxlib (TF is not imported under jax)
         "keras": keras.__version__,
         "ray": ray.__version__,
         "numpy": numpy.__version__,
@@ -120,7 +122,7 @@ def library_versions() -> dict:
     }
 
 
-def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_threads) -> dict:
+def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_threads, cpus=None) -> dict:
     return {
         "model": dataclasses.asdict(config.model),
         "output": config.output,
@@ -137,6 +139,11 @@ def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_t
         "write_threads": config.write_threads,
         "tf_threads": tf_threads,
         "max_decoded_bytes": config.max_decoded_bytes,
+        "backend": config.backend,
+        "precision": config.precision,
+        "overlay_max_side": config.overlay_max_side,
+        "cpus": cpus,  # the CPUs the worker holds: sizes its read/write pools when not given
+        "shard_size": config.shard_size,
     }
 
 
@@ -287,6 +294,11 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
     quiet_console()
     config = config.validated()
     take_lease(config.output)  # DST/_lease.json (workers/lease.py): one run per output until we return
+    try:
+        # The driver loads the model too: Keras must run the job's backend here before it is imported.
+        select_backend(config.backend)
+    except BackendError as exc:
+        raise ConfigError(str(exc)) from None
     layout = OutputLayout(config.output)
     storage = layout.storage
     fingerprint = config.result_fingerprint()
@@ -306,7 +318,7 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
     # The model is checked (and fingerprinted) here, before Ray starts, so a bad model is a one-line
     # exit-2 error and not N failing actors. It costs one extra model load in the driver.
     # TensorFlow loads only now (seconds): the access, config and listing checks above answer fast.
-    import_tensorflow_quietly()  # before anything else imports it: its C++ start-up lines go to fd 2
+    import_backend_quietly(config.backend)  # TensorFlow (quietly: its C++ start-up lines go to fd 2) or JAX
     try:
         model_info = inspect_model(config)
     except (ModelError, ValueError) as exc:
@@ -367,6 +379,7 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
     try:
         with _Workers(config, needed=bool(todo), log=log, model_fingerprint=model_info["fingerprint"]) as workers:
             if todo:
+                workers.on_ready = lambda described: _record_workers(storage, layout, job, described)
                 workers.run(todo, markers, result, t0)
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ray's wait() turns an exception raised by a signal handler into SystemExit(1):
@@ -559,6 +572,14 @@ def _repair(layout: OutputLayout, files: _OutputFiles, plan_ids, todo: List[Shar
             storage.delete(uri)
 
 
+def _record_workers(storage, layout: OutputLayout, job: dict, described: List[dict]) -> None:
+    """Adds what the workers resolved at start-up (batch size, threads, device) to job.json."""
+    job["workers"] = [{k: d.get(k) for k in ("batch_size", "read_threads", "write_threads", "device", "backend",
+                                             "precision", "tensorflow_imported")} for d in described]
+    job["batch_size"] = sorted({d.get("batch_size") for d in described if d.get("batch_size")})
+    storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
+
+
 _DIFFERENT_JOB = ("{output} holds results of a different configuration or model ({what}); "
                   "use a new --output or pass --overwrite to replace them")
 
@@ -644,6 +665,7 @@ class _Workers:
         self.model_fingerprint = model_fingerprint
         self.pool = None
         self.started = False
+        self.on_ready = None  # called with every worker's describe() once all have loaded
 
     def __enter__(self):
         if not self.needed:
@@ -661,12 +683,14 @@ class _Workers:
         with ray_startup():
             self.started = connect(config.address)
         shape = plan_workers(config.workers, cluster_resources(), config.gpus_per_worker)
-        settings = worker_settings(config, config.activation_layers, config.target_layer, shape["tf_threads"])
+        settings = worker_settings(config, config.activation_layers, config.target_layer, shape["tf_threads"],
+                                   cpus=shape["num_cpus"])
         # Explicit, not through runtime_env (which Ray logs): the endpoint URL may hold userinfo.
         settings["s3_endpoint_url"] = s3_endpoint(config.s3_endpoint_url)
         settings["model_fingerprint"] = self.model_fingerprint
         # OpenCV reads its pixel cap once, when cv2 loads: set it before the worker imports anything.
-        env = worker_env({"TF_CPP_MIN_LOG_LEVEL": tf_log_level(), OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS)})
+        env = worker_env({"TF_CPP_MIN_LOG_LEVEL": tf_log_level(), OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS),
+                          BACKEND_ENV: config.backend})  # set before the worker imports Keras
         if os.environ.get(VERBOSE_ENV):
             env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
         options = {"num_cpus": shape["num_cpus"], "num_gpus": shape["num_gpus"],
@@ -683,6 +707,10 @@ class _Workers:
     def run(self, todo: List[ShardTask], markers: Dict[int, dict], result: JobResult, t0: float) -> None:
         config, log = self.config, self.log
         self.pool.wait_ready()
+        if self.on_ready is not None:
+            import ray
+
+            self.on_ready(ray.get([a.describe.remote() for a in self.pool.actors]))
         ready = time.perf_counter()
         result.startup_seconds = ready - t0
 

@@ -1,7 +1,8 @@
 """Class-activation-map methods: one base class owns the mechanics, each method only says how
 to weight the target layer's channels from its gradients (as pytorch-grad-cam does).
 
-Everything here runs inside the compiled step, on whole batches, per image: no reduction ever
+Everything here is written with `keras.ops` (any Keras backend) and runs inside the compiled step,
+on whole batches, per image: no reduction ever
 crosses the batch axis (the keras-io example averages gradients over the batch, which is only
 correct for a batch of one).
 """
@@ -21,12 +22,12 @@ class CamMethod:
         raise NotImplementedError
 
     def __call__(self, grads, activations):
-        import tensorflow as tf
+        from keras import ops
 
         w = self.weights(grads, activations)
-        cam = tf.nn.relu(tf.reduce_sum(w * activations, axis=-1))  # [B, h, w]
-        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-        return tf.math.divide_no_nan(cam, peak)
+        cam = ops.relu(ops.sum(w * activations, axis=-1))  # [B, h, w]
+        peak = ops.max(cam, axis=(1, 2), keepdims=True)
+        return ops.divide_no_nan(cam, peak)
 
 
 class GradCAM(CamMethod):
@@ -35,9 +36,9 @@ class GradCAM(CamMethod):
     name = "gradcam"
 
     def weights(self, grads, activations):
-        import tensorflow as tf
+        from keras import ops
 
-        return tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        return ops.mean(grads, axis=(1, 2), keepdims=True)
 
 
 class GradCAMPlusPlus(CamMethod):
@@ -46,12 +47,12 @@ class GradCAMPlusPlus(CamMethod):
     name = "gradcam++"
 
     def weights(self, grads, activations):
-        import tensorflow as tf
+        from keras import ops
 
         g2, g3 = grads**2, grads**3
-        sum_a = tf.reduce_sum(activations, axis=(1, 2), keepdims=True)
-        alpha = tf.math.divide_no_nan(g2, 2.0 * g2 + sum_a * g3)
-        return tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2), keepdims=True)
+        sum_a = ops.sum(activations, axis=(1, 2), keepdims=True)
+        alpha = ops.divide_no_nan(g2, 2.0 * g2 + sum_a * g3)
+        return ops.sum(alpha * ops.relu(grads), axis=(1, 2), keepdims=True)
 
 
 class LayerCAM(CamMethod):
@@ -60,9 +61,9 @@ class LayerCAM(CamMethod):
     name = "layercam"
 
     def weights(self, grads, activations):
-        import tensorflow as tf
+        from keras import ops
 
-        return tf.nn.relu(grads)
+        return ops.relu(grads)
 
 
 CAM_METHODS: Dict[str, Type[CamMethod]] = {m.name: m for m in (GradCAM, GradCAMPlusPlus, LayerCAM)}

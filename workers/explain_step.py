@@ -1,9 +1,11 @@
-"""The compute stage: ONE compiled TensorFlow step per batch.
+"""The compute stage: ONE compiled step per batch, on the process' Keras backend (TensorFlow or JAX).
 
 For a fixed-shape uint8 batch it returns, per image: class probabilities' top-k, the predicted
 class, the class-activation map of the explained class at the target layer's resolution, and
 activation statistics (mean, std, max, zero_fraction) of every summarized layer, all reduced in
-the graph so only small arrays cross back to Python.
+the graph so only small arrays cross back to Python. The step is written with `keras.ops`; the
+gradient and the compile go through `workers.backends`. Under a mixed precision policy the model
+runs in bfloat16/float16 and everything reported (probabilities, CAM, statistics) is float32.
 """
 
 from __future__ import annotations
@@ -41,26 +43,48 @@ def _logits(last, x):
     return _linear_clone(last)(x)
 
 
-def build_explain_graph(model, map_layers):
-    """A Keras model: input -> [outputs of `map_layers`..., pre-activation logits], one connected graph.
+def build_explain_graph(model, map_layers, target_layer):
+    """A Keras model: [input, delta] -> [outputs of `map_layers`..., pre-activation logits].
+
+    `delta` (zeros, the target layer's output shape) is added to the target layer's output, and
+    every later layer consumes the sum. d score / d delta is then d score / d(target maps) on any
+    backend: a gradient with respect to a model *input*, which JAX's functional `grad` can take
+    (it cannot differentiate with respect to an intermediate tensor the way a TF tape does), and it
+    works for any graph, skip connections around the target layer included.
 
     Sequential models are re-chained on a fresh Input: a Sequential loaded from a legacy .h5 can
     hold several graph nodes per layer, and mixing `layer.output` of one node with the logits of
-    another gives tensors with no gradient path between them.
+    another gives tensors with no gradient path between them. Functional models are re-run node by
+    node with the same layer objects (shared weights, nothing copied).
     """
     import keras
 
     last = model.layers[-1]
+    target_shape = tuple(model.get_layer(target_layer).output.shape[1:])
+    inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
+    delta = keras.Input(shape=target_shape, dtype="float32", name="cam_delta")
+    captured = {}
+
+    def call(layer, *args, **kwargs):
+        if layer is last:
+            out = _logits(last, args[0])
+        else:
+            out = layer(*args, **kwargs)
+        if layer.name == target_layer:
+            out = keras.ops.add(out, keras.ops.cast(delta, out.dtype))
+        captured[layer.name] = out
+        return out
+
     if isinstance(model, keras.Sequential):
-        x = inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
-        by_name = {}
-        for layer in model.layers[:-1]:
-            x = layer(x)
-            by_name[layer.name] = x
-        logits = _logits(last, x)
-        return keras.Model(inputs, [by_name[n] for n in map_layers] + [logits], name="explain_graph")
-    outputs = [model.get_layer(n).output for n in map_layers] + [_logits(last, last.input)]
-    return keras.Model(model.inputs, outputs, name="explain_graph")
+        x = inputs
+        for layer in model.layers:
+            x = call(layer, x)
+        logits = x
+    else:
+        logits = model._run_through_graph([inputs], operation_fn=lambda op: op, call_fn=call)
+        logits = keras.tree.flatten(logits)[0]
+    outputs = [captured[n] for n in map_layers] + [logits]
+    return keras.Model([inputs, delta], outputs, name="explain_graph")
 
 
 class ExplainStep:
@@ -74,6 +98,7 @@ class ExplainStep:
         method: CAM method name ("gradcam", "gradcam++", "layercam").
         cam_score: "logit" (pre-activation y^c, the paper) or "probability" (the lecture).
         top_k: how many classes to report per image.
+        jit_compile: TensorFlow only: XLA-compile the step (None: the backend's measured default).
 
     Raises:
         ModelError: a named layer does not exist or has the wrong rank.
@@ -88,11 +113,13 @@ class ExplainStep:
         method: str = "gradcam",
         cam_score: str = "logit",
         top_k: int = 5,
+        jit_compile: Optional[bool] = None,
     ):
-        import tensorflow as tf
+        from workers.backends import get_backend
 
         if cam_score not in CAM_SCORES:
             raise ValueError(f"cam_score must be one of {CAM_SCORES}, received {cam_score!r}")
+        self.backend = get_backend()
         self.loaded = loaded
         self.batch_size = int(batch_size)
         model = loaded.model
@@ -112,86 +139,107 @@ class ExplainStep:
         self.cam_score = cam_score
         self.method = cam_method(method)
 
-        # One graph with every tensor we need: target maps, summarized maps, logits.
+        # One graph with every tensor we need: target maps (+ the zero delta the gradient is taken
+        # against), summarized maps, logits.
         map_layers = list(dict.fromkeys([self.target_layer, *self.activation_layers]))
         self._act_index = [map_layers.index(n) for n in self.activation_layers]
-        self._graph = build_explain_graph(model, map_layers)
+        self._graph = build_explain_graph(model, map_layers, self.target_layer)
         self._map_layers = map_layers
-        h, w = loaded.preprocessing.size
-        spec = [
-            tf.TensorSpec([self.batch_size, h, w, 3], tf.uint8),
-            tf.TensorSpec([self.batch_size], tf.int32),
-        ]
-        self._compiled = tf.function(self._step, input_signature=spec, reduce_retracing=True)
-        self._grid_fn = None
+        self._target_shape = tuple(int(d) for d in model.get_layer(self.target_layer).output.shape[1:])
+        self._compiled = self.backend.compile(self._step, [self._graph], jit_compile=jit_compile)
+        self._maps_fn = None
 
     # ------------------------------------------------------------------ graph
 
     def _probabilities(self, logits):
-        import tensorflow as tf
+        from keras import ops
 
         kind = self.loaded.output_kind
         if kind == "sigmoid" and logits.shape[-1] == 1:
-            p = tf.sigmoid(logits[:, 0])
-            return tf.stack([1.0 - p, p], axis=1)
+            p = ops.sigmoid(logits[:, 0])
+            return ops.stack([1.0 - p, p], axis=1)
         if kind == "sigmoid":
-            return tf.sigmoid(logits)  # multi-label: independent probabilities
-        return tf.nn.softmax(logits, axis=-1)
+            return ops.sigmoid(logits)  # multi-label: independent probabilities
+        return ops.softmax(logits, axis=-1)
 
     def _class_score(self, logits, probs, cls):
         """y^c per image: the pre-activation score (or the probability), never summed over classes."""
-        import tensorflow as tf
+        from keras import ops
 
         if self.cam_score == "probability":
-            return tf.gather(probs, cls, axis=1, batch_dims=1)
+            return _take_per_row(probs, cls)
         if self.loaded.output_kind == "sigmoid" and logits.shape[-1] == 1:
             # Binary sigmoid: the logit favours class 1; class 0's score is its negation.
-            return tf.where(cls == 1, logits[:, 0], -logits[:, 0])
-        return tf.gather(logits, cls, axis=1, batch_dims=1)
+            return ops.where(cls == 1, logits[:, 0], -logits[:, 0])
+        return _take_per_row(logits, cls)
 
-    def _step(self, images, requested_class):
-        import tensorflow as tf
+    def _head(self, requested_class):
+        """outputs -> (summed class score, (probs, pred, cls)); everything in float32."""
+        from keras import ops
 
-        x = self.loaded.preprocessing.scale_tensor(tf.cast(images, tf.float32))
-        with tf.GradientTape() as tape:
-            outs = self._graph(x, training=False)
-            maps, logits = outs[:-1], outs[-1]
-            target = maps[0]
+        def head(outputs):
+            logits = ops.cast(outputs[-1], "float32")
             probs = self._probabilities(logits)
-            pred = tf.argmax(probs, axis=1, output_type=tf.int32)
-            num = tf.shape(probs)[1]
+            pred = ops.cast(ops.argmax(probs, axis=1), "int32")
+            num = probs.shape[1]
             valid = (requested_class >= 0) & (requested_class < num)
-            cls = tf.where(valid, requested_class, pred)
+            cls = ops.where(valid, requested_class, pred)
             # Summing per-image scores keeps each image's gradient its own: image i's score
             # depends only on image i (inference mode), so d(sum)/dA_i = dy_i/dA_i.
-            score = tf.reduce_sum(self._class_score(logits, probs, cls))
-        grads = tape.gradient(score, target)
-        cam = self.method(grads, target)
+            score = ops.sum(self._class_score(logits, probs, cls))
+            return score, (probs, pred, cls)
+
+        return head
+
+    def _scaled(self, images):
+        from keras import ops
+
+        return self.loaded.preprocessing.scale_tensor(ops.cast(images, "float32"))
+
+    def _step(self, images, requested_class):
+        from keras import ops
+
+        x = self._scaled(images)
+        delta = ops.zeros((images.shape[0],) + self._target_shape, "float32")
+        requested_class = ops.cast(requested_class, "int32")
+        outs, (probs, pred, cls), grads = self.backend.value_and_grad(
+            self._graph, [x, delta], 1, self._head(requested_class))
+        maps = [ops.cast(m, "float32") for m in outs[:-1]]
+        target = maps[0]
+        cam = self.method(ops.cast(grads, "float32"), target)
         stats = []
         for i in self._act_index:
             a = maps[i]
             stats.append(
-                tf.stack(
+                ops.stack(
                     [
-                        tf.reduce_mean(a, axis=(1, 2, 3)),
-                        tf.math.reduce_std(a, axis=(1, 2, 3)),
-                        tf.reduce_max(a, axis=(1, 2, 3)),
-                        tf.reduce_mean(tf.cast(tf.equal(a, 0.0), tf.float32), axis=(1, 2, 3)),
+                        ops.mean(a, axis=(1, 2, 3)),
+                        ops.std(a, axis=(1, 2, 3)),
+                        ops.max(a, axis=(1, 2, 3)),
+                        ops.mean(ops.cast(ops.equal(a, 0.0), "float32"), axis=(1, 2, 3)),
                     ],
                     axis=1,
                 )
             )
-        stats = tf.stack(stats, axis=1) if stats else tf.zeros([tf.shape(x)[0], 0, 4])
-        top_scores, top_index = tf.math.top_k(probs, k=self.top_k)
+        stats = ops.stack(stats, axis=1) if stats else ops.zeros((images.shape[0], 0, 4), "float32")
+        top_scores, top_index = ops.top_k(probs, k=self.top_k)
         return {
             "pred_index": pred,
-            "pred_score": tf.gather(probs, pred, axis=1, batch_dims=1),
+            "pred_score": _take_per_row(probs, pred),
             "cam_index": cls,
             "cam": cam,
             "stats": stats,  # [B, layers, (mean, std, max, zero_fraction)]
-            "top_index": top_index,
+            "top_index": ops.cast(top_index, "int32"),
             "top_score": top_scores,
         }
+
+    def _maps(self, images):
+        from keras import ops
+
+        x = self._scaled(images)
+        delta = ops.zeros((images.shape[0],) + self._target_shape, "float32")
+        outs = self._graph([x, delta], training=False)
+        return [ops.cast(outs[i], "float32") for i in self._act_index]
 
     # ------------------------------------------------------------------ public
 
@@ -204,6 +252,9 @@ class ExplainStep:
 
         Returns:
             dict of numpy arrays with leading dimension n.
+
+        Raises:
+            ValueError: more than `batch_size` images.
         """
         n = images.shape[0]
         if n > self.batch_size:
@@ -214,13 +265,19 @@ class ExplainStep:
             pad = self.batch_size - n
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             requested_class = np.concatenate([requested_class, np.full((pad,), -1, np.int32)])
-        out = self._compiled(images, requested_class.astype(np.int32))
-        return {k: v.numpy()[:n] for k, v in out.items()}
+        out = self._compiled(np.ascontiguousarray(images, np.uint8), requested_class.astype(np.int32))
+        return {k: np.asarray(v)[:n] for k, v in out.items()}
 
     def activation_maps(self, images: np.ndarray) -> List[np.ndarray]:
-        """Full activation maps of the summarized layers for a few images (channel grids)."""
-        import tensorflow as tf
+        """Full activation maps of the summarized layers for a few images (channel grids), float32."""
+        if self._maps_fn is None:
+            self._maps_fn = self.backend.compile(self._maps, [self._graph])
+        return [np.asarray(m) for m in self._maps_fn(np.ascontiguousarray(images, np.uint8))]
 
-        x = self.loaded.preprocessing.scale_tensor(tf.cast(images, tf.float32))
-        outs = self._graph(x, training=False)
-        return [outs[i].numpy() for i in self._act_index]
+
+def _take_per_row(values, index):
+    """values[i, index[i]] for every row i (a one-hot sum: the same ops on every backend)."""
+    from keras import ops
+
+    onehot = ops.one_hot(index, values.shape[-1], dtype=values.dtype)
+    return ops.sum(values * onehot, axis=-1)

@@ -24,7 +24,10 @@ default all steps inside one compiled call:
 As in the lecture, the image tensor goes into the feature extractor as it is: no model
 preprocessing (no VGG16 mean subtraction) is applied during the ascent.
 
-The steps are unrolled inside one `tf.function` (a Python loop over a fixed step count): measured
+The ascent is written with `keras.ops`; its gradient and compile go through `workers.backends`
+(TensorFlow: GradientTape + tf.function; JAX: stateless_call + jax.value_and_grad + jax.jit).
+
+The steps are unrolled inside one compiled function (a Python loop over a fixed step count): measured
 here, a `tf.while_loop` body ran 3x slower on CPU than the same steps unrolled, because graph
 optimizations do not reach inside the loop body. Tracing 30 unrolled steps costs 2-8 s of host
 time per layer and batch size, though, so `steps_per_call` can split the steps over several calls
@@ -163,11 +166,10 @@ class AscentResult:
 
 
 def is_oom(exc: BaseException) -> bool:
-    import tensorflow as tf
+    """True if `exc` is the Keras backend's device out-of-memory error."""
+    from workers.backends import get_backend
 
-    if isinstance(exc, tf.errors.ResourceExhaustedError):
-        return True
-    return isinstance(exc, tf.errors.InternalError) and "out of memory" in str(exc).lower()
+    return get_backend().is_oom(exc)
 
 
 class FilterAscent:
@@ -213,28 +215,27 @@ class FilterAscent:
 
     # -------------------------------------------------------------- compiled step
 
-    def _loss(self, x, filter_index):
-        import tensorflow as tf
+    def _loss_of(self, act, filter_index):
+        """Per-filter loss from the layer's output `act` (B, h, w, filters): the mean of each
+        element's own filter channel, border cut."""
+        from keras import ops
 
-        act = self.extractor(x, training=False)
+        act = ops.cast(act, "float32")
         bh, bw = self.border_used
         h, w = self.output_hw
         # Each element's own filter first, then the border cut: cutting the border of all channels
         # first made the gradient materialize and pad the whole map (3x slower per call, measured).
-        own = tf.gather(act, filter_index, axis=3, batch_dims=1)  # (B, h, w)
+        index = ops.broadcast_to(ops.reshape(filter_index, (-1, 1, 1, 1)), (act.shape[0], h, w, 1))
+        own = ops.take_along_axis(act, index, axis=3)[..., 0]  # (B, h, w)
         own = own[:, bh:h - bh, bw:w - bw]
-        return tf.reduce_mean(own, axis=[1, 2])
+        return ops.mean(own, axis=(1, 2))
 
-    def _spec(self, batch: int):
-        import tensorflow as tf
-
-        return (
-            tf.TensorSpec((batch, self.size, self.size, 3), tf.float32),
-            tf.TensorSpec((batch,), tf.int32),
-        )
+    def _loss(self, x, filter_index):
+        return self._loss_of(self.extractor(x, training=False), filter_index)
 
     def _function(self, batch: int, steps_per_call: Optional[int] = None):
-        """The compiled ascent of `steps_per_call` unrolled steps for `batch` filters.
+        """The compiled ascent of `steps_per_call` unrolled steps for `batch` filters (one compiled
+        function per batch shape and step count, through the backend seam).
 
         With all the steps in one call it returns (image, start activation, end activation);
         with fewer, (image, activation before this call's first step).
@@ -243,37 +244,43 @@ class FilterAscent:
         fn = self._compiled.get((batch, k))
         if fn is not None:
             return fn
-        import tensorflow as tf
+        from keras import ops
 
+        from workers.backends import get_backend
+
+        backend = get_backend()
         lr, whole = self.learning_rate, k == self.steps
 
         def ascend(images, filter_index):
             x = images
             start = None
+
+            def head(act):
+                per_filter = self._loss_of(act, filter_index)
+                return ops.sum(per_filter), per_filter
+
             for _ in range(k):  # unrolled: one graph for all k steps
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    per_filter = self._loss(x, filter_index)
-                    total = tf.reduce_sum(per_filter)
+                _, per_filter, grads = backend.value_and_grad(self.extractor, [x], 0, head)
                 if start is None:
                     start = per_filter
-                grads = tape.gradient(total, x)
-                grads = tf.math.l2_normalize(grads, axis=[1, 2, 3])  # per filter, never per batch
+                # per filter, never per batch: tf.math.l2_normalize(grads, axis=[1, 2, 3])
+                sq = ops.sum(ops.square(grads), axis=(1, 2, 3), keepdims=True)
+                grads = grads * ops.rsqrt(ops.maximum(sq, 1e-12))
                 x = x + lr * grads
             if whole:
                 return x, start, self._loss(x, filter_index)
             return x, start
 
-        fn = tf.function(ascend, input_signature=self._spec(batch), autograph=False)
+        fn = backend.compile(ascend, [self.extractor])
         self._compiled[(batch, k)] = fn
         return fn
 
     def _loss_function(self, batch: int):
         fn = self._compiled.get((batch, "loss"))
         if fn is None:
-            import tensorflow as tf
+            from workers.backends import get_backend
 
-            fn = tf.function(self._loss, input_signature=self._spec(batch), autograph=False)
+            fn = get_backend().compile(self._loss, [self.extractor])
             self._compiled[(batch, "loss")] = fn
         return fn
 
@@ -284,7 +291,7 @@ class FilterAscent:
     def run_batch(self, images: np.ndarray, filter_indices: Sequence[int], steps_per_call: Optional[int] = None):
         """Runs all steps on exactly len(filter_indices) filters: one compiled call, or steps/k calls
         of a k-step function. Returns (images, activation_start, activation_end) as NumPy arrays.
-        Raises TF's out-of-memory errors."""
+        Raises the backend's out-of-memory errors."""
         batch = len(filter_indices)
         k = steps_per_call or self.steps_per_call
         if self.steps % k:
@@ -293,13 +300,13 @@ class FilterAscent:
         x = np.asarray(images, np.float32)
         idx = np.asarray(filter_indices, np.int32)
         if k == self.steps:
-            x, start, end = fn(x, idx)
-            return x.numpy(), start.numpy(), end.numpy()
-        x, start = fn(x, idx)
+            return fn(x, idx)
+        # Chained calls pass backend tensors: the images stay on the device between calls.
+        x, start = fn.raw(x, idx)
         for _ in range(self.steps // k - 1):
-            x, _ = fn(x, idx)
+            x, _ = fn.raw(x, idx)
         end = self._loss_function(batch)(x, idx)
-        return x.numpy(), start.numpy(), end.numpy()
+        return np.asarray(x), np.asarray(start), np.asarray(end)
 
     # -------------------------------------------------------------- many filters
 

@@ -63,16 +63,82 @@ def header_size(data: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
+def jpeg_exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1..8) of a JPEG, read from its APP1 segment; 1 if absent."""
+    if data[:2] != b"\xff\xd8":
+        return 1
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in (0xD9, 0xDA):  # end of image / start of scan: no more metadata
+            return 1
+        seg_len = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            tiff = data[i + 10:i + 2 + seg_len]
+            if tiff[:2] not in (b"II", b"MM") or len(tiff) < 8:
+                return 1
+            e = "<" if tiff[:2] == b"II" else ">"
+            ifd = struct.unpack(e + "I", tiff[4:8])[0]
+            if ifd + 2 > len(tiff):
+                return 1
+            count = struct.unpack(e + "H", tiff[ifd:ifd + 2])[0]
+            for k in range(count):
+                entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+                if len(entry) < 12:
+                    return 1
+                if struct.unpack(e + "H", entry[:2])[0] == 0x0112:
+                    value = struct.unpack(e + "H", entry[8:10])[0]
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        i += 2 + seg_len
+    return 1
+
+
+def display_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) of the image as displayed (EXIF orientation 5-8 swaps the stored sides),
+    from the header alone; None if the header gives no size."""
+    size = header_size(data)
+    if size is None:
+        return None
+    return (size[1], size[0]) if jpeg_exif_orientation(data) >= 5 else size
+
+
+# libjpeg's DCT scaling: decoding at 1/2, 1/4 or 1/8 skips most of the IDCT work.
+REDUCED_DECODE_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def reduced_decode_factor(data: bytes, min_side: int, max_side: Optional[int]) -> int:
+    """The largest JPEG DCT scale factor (8, 4, 2) whose image keeps both sides >= `min_side` (the
+    model input) and the long side >= `max_side` (the output size asked for); 1 = full decode.
+    Only for JPEG (other formats would be decoded at full size and then shrunk: no saving)."""
+    if not max_side or data[:2] != b"\xff\xd8":
+        return 1
+    size = header_size(data)
+    if size is None:
+        return 1
+    w, h = size
+    for factor in (8, 4, 2):
+        # libjpeg rounds the scaled size up: ceil(side / factor)
+        sw, sh = -(-w // factor), -(-h // factor)
+        if min(sw, sh) >= min_side and max(sw, sh) >= max_side:
+            return factor
+    return 1
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """Like `decode_bgr`, in RGB order."""
     return cv2.cvtColor(decode_bgr(data), cv2.COLOR_BGR2RGB)
 
 
-def decode_bgr(data: bytes) -> np.ndarray:
+def decode_bgr(data: bytes, reduce: int = 1) -> np.ndarray:
     """Decodes image bytes to an HxWx3 uint8 BGR array (OpenCV order) in display orientation.
 
     EXIF orientation is applied; grayscale, RGBA, palette and 16-bit inputs become 8-bit RGB;
     animated images give their first frame.
+
+    Args:
+        data: the file's bytes.
+        reduce: 1, or 2/4/8 to decode a JPEG at that fraction of its size (`reduced_decode_factor`).
 
     Raises:
         ImageDecodeError: empty, undecodable or larger than MAX_IMAGE_PIXELS.
@@ -87,7 +153,7 @@ def decode_bgr(data: bytes) -> np.ndarray:
     buf = np.frombuffer(data, np.uint8)
     try:
         # IMREAD_COLOR: 3-channel 8-bit BGR, EXIF orientation applied (IGNORE_ORIENTATION not set).
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(buf, REDUCED_DECODE_FLAGS.get(reduce, cv2.IMREAD_COLOR))
     except cv2.error as exc:
         text = str(exc).strip().splitlines()[-1]
         if "CV_IO_MAX_IMAGE_PIXELS" in text:
@@ -135,6 +201,16 @@ def overlay_bgr(bgr: np.ndarray, heat_u8: np.ndarray, intensity: float = 0.4) ->
     jet = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)  # BGR
     # addWeighted saturates to 0..255, i.e. the clip.
     return cv2.addWeighted(jet, float(intensity), bgr, 1.0, 0.0)
+
+
+def fit_long_side(bgr: np.ndarray, max_side: Optional[int]) -> np.ndarray:
+    """`bgr` shrunk (area interpolation, aspect ratio kept) so its long side is at most `max_side`."""
+    h, w = bgr.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return bgr
+    scale = max_side / max(h, w)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
 
 
 def cam_is_empty(cam: np.ndarray) -> bool:

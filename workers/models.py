@@ -282,6 +282,67 @@ def _cache_remote_file(uri: str) -> str:
                      "from the bytes received); try again once it is stable")
 
 
+def seeded_random_weights(model, seed: int):
+    """Sets every weight of `model` from NumPy seeded by `seed`: Glorot-uniform kernels (Keras'
+    default initializer), zero biases and offsets, unit scales and variances.
+
+    Keras' own initializers draw from the backend's generator, so the same seed gives different
+    weights under TensorFlow and JAX (and `keras.utils.set_random_seed` imports TensorFlow even
+    under JAX); drawing from NumPy makes `--weights random --seed N` one model on every backend.
+
+    Returns:
+        `model`, its weights replaced.
+    """
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(int(seed))
+    values = []
+    for w in model.weights:
+        shape = tuple(int(d) for d in w.shape)
+        name = getattr(w, "path", w.name)
+        if len(shape) >= 2:
+            receptive = math.prod(shape[:-2])
+            limit = math.sqrt(6.0 / (shape[-2] * receptive + shape[-1] * receptive))
+            values.append((rng.random(shape, dtype=np.float32) * 2.0 - 1.0) * np.float32(limit))
+        elif name.endswith(("gamma", "moving_variance")):
+            values.append(np.ones(shape, np.float32))
+        else:
+            values.append(np.zeros(shape, np.float32))
+    model.set_weights(values)
+    return model
+
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def with_precision(loaded: LoadedModel, precision: str) -> LoadedModel:
+    """The same model (same layers' names, same weights) computing under a Keras dtype policy.
+
+    Layers of a loaded file carry their own saved policy ("float32"), which the global policy does
+    not override, so the model is cloned layer by layer with `dtype=precision`; variables stay
+    float32 (mixed policies keep float32 weights) and the weights are copied.
+
+    Raises:
+        ModelError: unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return loaded
+    import keras
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = precision
+        return layer.__class__.from_config(config)
+
+    model = keras.models.clone_model(loaded.model, clone_function=clone)
+    model.set_weights(loaded.model.get_weights())
+    return dataclasses.replace(loaded, model=model)
+
+
 def read_class_names(path: str) -> List[str]:
     """Reads class names from a JSON list or a text file with one name per line."""
     if not os.path.isfile(path):
@@ -373,8 +434,7 @@ def _build_vgg16(spec: ModelSpec) -> LoadedModel:
             raise ModelError(f"VGG16 with ImageNet weights and its classifier top needs 224 px input, received {size}")
         model = _download_imagenet_vgg16()
     elif spec.weights == "random":
-        keras.utils.set_random_seed(spec.seed)
-        model = keras.applications.VGG16(weights=None, input_shape=(size, size, 3))
+        model = seeded_random_weights(keras.applications.VGG16(weights=None, input_shape=(size, size, 3)), spec.seed)
     else:
         path = spec.weights
         if not os.path.isfile(path):
@@ -454,8 +514,7 @@ def _build_cats_dogs(spec: ModelSpec) -> LoadedModel:
     if spec.model_file:
         model = load_model_file(spec.model_file, safe_mode=not spec.unsafe_model_code)
     elif spec.weights == "random":
-        keras.utils.set_random_seed(spec.seed)
-        model = build_cats_dogs_convnet(spec.input_size or 150)
+        model = seeded_random_weights(build_cats_dogs_convnet(spec.input_size or 150), spec.seed)
     elif spec.weights not in ("imagenet",) and os.path.isfile(spec.weights):
         model = load_model_file(spec.weights, safe_mode=not spec.unsafe_model_code)
     else:

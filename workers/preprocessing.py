@@ -68,13 +68,15 @@ class Preprocessing:
         return cv2.resize(rgb, (self.width, self.height), interpolation=INTERPOLATIONS[self.interpolation])
 
     def scale_tensor(self, x):
-        """Applies the scaling to a float32 RGB batch tensor (inside a tf.function)."""
-        import tensorflow as tf
+        """Applies the scaling to a float32 RGB batch tensor (inside the compiled step; keras.ops,
+        so any Keras backend)."""
+        from keras import ops
 
+        x = ops.convert_to_tensor(x, "float32")
         if self.scaling == "rescale":
             return x / 255.0
         if self.scaling == "vgg16":
-            return x[..., ::-1] - tf.constant(VGG16_BGR_MEAN, dtype=x.dtype)
+            return ops.flip(x, axis=-1) - ops.convert_to_tensor(VGG16_BGR_MEAN, "float32")
         if self.scaling == "tf":
             return x / 127.5 - 1.0
         return x

@@ -14,12 +14,13 @@ import gc
 import threading
 import weakref
 from concurrent.futures import Executor
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 # image_io first: it sets OpenCV's pixel cap before cv2 is loaded.
-from workers.image_io import MAX_FILE_BYTES, ImageDecodeError, decode_bgr, header_size, image_id
+from workers.image_io import (MAX_FILE_BYTES, ImageDecodeError, decode_bgr, display_size, header_size,
+                              image_id, reduced_decode_factor)
 
 import cv2  # noqa: E402  (after image_io on purpose)
 from workers.preprocessing import Preprocessing
@@ -39,6 +40,8 @@ class DecodedImage:
     bgr: Optional[np.ndarray] = None  # original size, display orientation, OpenCV channel order
     model_input: Optional[np.ndarray] = None  # RGB, resized to the model input size
     error: Optional[str] = None
+    # (width, height) of the original in display orientation when `bgr` was decoded reduced
+    original_size: Optional[Tuple[int, int]] = None
 
     @property
     def ok(self) -> bool:
@@ -118,11 +121,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def read_one(position, uri, label, size, version, preprocessing: Preprocessing,
-             admission: Optional[_Admission] = None) -> DecodedImage:
+             admission: Optional[_Admission] = None, max_side: Optional[int] = None) -> DecodedImage:
     """Never raises: any failure becomes `DecodedImage.error` (one line).
 
     With `admission`, the image takes its decoded size from the worker's byte budget (in plan
     order) before decoding and returns it when its pixels are freed.
+
+    With `max_side` (outputs at most that long) a JPEG is decoded at 1/2, 1/4 or 1/8 size when
+    that still covers the model input and `max_side`; `original_size` then keeps the real size.
     """
     taken = 0
     admitted = admission is None
@@ -134,7 +140,8 @@ def read_one(position, uri, label, size, version, preprocessing: Preprocessing,
             admitted = True
             admission.admit(position, taken)
 
-        item = _read_one(position, uri, label, size, version, preprocessing, None if admission is None else admit)
+        item = _read_one(position, uri, label, size, version, preprocessing, None if admission is None else admit,
+                         max_side)
     finally:
         if not admitted:
             admission.admit(position, 0)  # a failed read still passes its turn on
@@ -152,7 +159,8 @@ def read_one(position, uri, label, size, version, preprocessing: Preprocessing,
     return item
 
 
-def _read_one(position, uri, label, size, version, preprocessing: Preprocessing, admit=None) -> DecodedImage:
+def _read_one(position, uri, label, size, version, preprocessing: Preprocessing, admit=None,
+              max_side: Optional[int] = None) -> DecodedImage:
     item = DecodedImage(position, uri, label, size, version)
     if size is not None and size > MAX_FILE_BYTES:
         item.error = f"file is {size:,} bytes, over the {MAX_FILE_BYTES:,} byte cap; not read"
@@ -178,7 +186,10 @@ def _read_one(position, uri, label, size, version, preprocessing: Preprocessing,
         admit(data)
     item.image_id = image_id(data)
     try:
-        item.bgr = decode_bgr(data)
+        factor = reduced_decode_factor(data, max(preprocessing.size), max_side)
+        item.bgr = decode_bgr(data, factor)
+        if factor > 1:
+            item.original_size = display_size(data)
         # Resize first, then swap channels on the small image: the full-size image stays BGR for
         # the overlay, so no full-size colour conversion happens at all.
         item.model_input = cv2.cvtColor(preprocessing.resize(item.bgr), cv2.COLOR_BGR2RGB)
@@ -190,7 +201,8 @@ def _read_one(position, uri, label, size, version, preprocessing: Preprocessing,
 
 
 def iter_decoded_batches(task, preprocessing: Preprocessing, batch_size: int, pool: Executor,
-                         lookahead_batches: int = 2, budget: Optional[ByteBudget] = None) -> Iterator[List[DecodedImage]]:
+                         lookahead_batches: int = 2, budget: Optional[ByteBudget] = None,
+                         max_side: Optional[int] = None) -> Iterator[List[DecodedImage]]:
     """Yields the shard's images in order, `batch_size` at a time, decoding up to
     `lookahead_batches` batches ahead so decode overlaps compute. Memory stays bounded by the window
     and, with `budget`, by the decoded bytes the worker holds."""
@@ -205,7 +217,7 @@ def iter_decoded_batches(task, preprocessing: Preprocessing, batch_size: int, po
         while next_index < n and len(pending) < window:
             i = next_index
             pending.append(pool.submit(read_one, i, task.uris[i], task.labels[i], task.sizes[i],
-                                       task.versions[i], preprocessing, admission))
+                                       task.versions[i], preprocessing, admission, max_side))
             next_index += 1
 
     fill()

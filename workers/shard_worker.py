@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,25 @@ import numpy as np
 
 from workers.labels import LabelMatcher, resolve_cam_classes  # noqa: F401 (resolve_cam_classes: re-exported)
 from workers.tf_runtime import configure_tensorflow
+# Largest batch tried by `batch_size="auto"` on a GPU (VGG16 at 224 px peaks at 128-256; the
+# lecture's small convnet at 1024).
+MAX_AUTO_BATCH = 1024
+CPU_AUTO_BATCH = 32
+
+
+def host_threads(cpus) -> int:
+    """Read (and write) pool size for a worker holding `cpus` CPUs: one thread per core, at least 4.
+
+    OpenCV releases the GIL in imdecode/resize/imencode, so threads scale with cores (measured on a
+    16-core node: 16 threads 1,006 img/s, 16 processes 864-945, bench/GPU.md); 4 is the floor
+    because reads also wait on storage (S3 GETs).
+    """
+    if not cpus:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    return max(4, int(cpus))
 
 
 class ExplainWorker:
@@ -28,37 +48,38 @@ class ExplainWorker:
 
     def __init__(self, settings: dict):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        configure_tensorflow(settings.get("tf_threads"))
-        from workers.explain_step import ExplainStep
+        # KERAS_BACKEND before Keras is imported (the driver also sets it in the actor's env).
+        from workers.backends import get_backend, select_backend
+
+        select_backend(settings.get("backend"))
+        self.backend = get_backend()
+        self.backend.configure(settings.get("tf_threads"))
         from workers.layout import OutputLayout
-        from workers.models import ModelSpec, load_model
+        from workers.models import ModelSpec, load_model, with_precision
+
         from workers.storage import configure_storage
 
         self.settings = settings
         configure_storage("s3", endpoint_url=settings.get("s3_endpoint_url"))
-        self.loaded = load_model(ModelSpec(**settings["model"]))
+        loaded_model = load_model(ModelSpec(**settings["model"]))
         # A model file that differs from the one the driver checked (changed on S3 since, another
         # copy on this node) must not produce rows under the driver's fingerprint: every shard of
         # this worker fails with the reason instead.
-        expected, loaded = settings.get("model_fingerprint"), self.loaded.fingerprint()
+        expected, loaded = settings.get("model_fingerprint"), loaded_model.fingerprint()
         self.model_mismatch = None
         if expected and loaded != expected:
             self.model_mismatch = (
                 f"worker loaded a different model than the driver checked (fingerprint {loaded[:12]}, "
                 f"driver {expected[:12]}): the model file or weights differ between machines or changed")
-        self.step = ExplainStep(
-            self.loaded,
-            batch_size=settings["batch_size"],
-            target_layer=settings.get("target_layer"),
-            activation_layers=settings.get("activation_layers"),
-            method=settings.get("cam_method", "gradcam"),
-            cam_score=settings.get("cam_score", "logit"),
-            top_k=settings.get("top_k", 5),
-        )
+        # The driver fingerprints the float32 model: the precision policy applies after the check.
+        self.loaded = with_precision(loaded_model, settings.get("precision", "float32"))
         self.layout = OutputLayout(settings["output"])
         self.labels = LabelMatcher(self.loaded.class_names)
-        self.read_pool = ThreadPoolExecutor(settings.get("read_threads", 4), thread_name_prefix="read")
-        self.write_pool = ThreadPoolExecutor(settings.get("write_threads", 4), thread_name_prefix="write")
+        threads = host_threads(settings.get("cpus"))
+        self.read_threads = settings.get("read_threads") or threads
+        self.write_threads = settings.get("write_threads") or threads
+        self.read_pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="read")
+        self.write_pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="write")
         # Two shards may run at once (actor max_concurrency=2) so one's decode overlaps the other's
         # compute; the compiled step itself runs one batch at a time.
         self.compute_lock = threading.Lock()
@@ -70,9 +91,71 @@ class ExplainWorker:
         # between shard commits.
         self._computed = 0
         self._count_lock = threading.Lock()
-        # Warm the compiled step so the first shard's timing is not the trace.
+        self.gpu = self.backend.has_gpu()
+        if self.gpu:
+            # The pools already use every core: OpenCV's own worker threads inside each resize /
+            # encode would only contend with them (the host ceiling in bench/GPU.md is measured so).
+            import cv2
+
+            cv2.setNumThreads(1)
+        batch = settings.get("batch_size", CPU_AUTO_BATCH)
+        if batch == "auto" and self.gpu:
+            self._largest_batch()
+        else:
+            self._build_step(CPU_AUTO_BATCH if batch == "auto" else int(batch))
+            # Warm the compiled step so the first shard's timing is not the trace.
+            self._warm()
+
+    def _build_step(self, batch_size: int) -> None:
+        from workers.explain_step import ExplainStep
+
+        s = self.settings
+        self.step = ExplainStep(
+            self.loaded,
+            batch_size=batch_size,
+            target_layer=s.get("target_layer"),
+            activation_layers=s.get("activation_layers"),
+            method=s.get("cam_method", "gradcam"),
+            cam_score=s.get("cam_score", "logit"),
+            top_k=s.get("top_k", 5),
+        )
+
+    def _warm(self) -> None:
         h, w = self.loaded.preprocessing.size
-        self.step(np.zeros((1, h, w, 3), np.uint8))
+        self.step(np.zeros((self.step.batch_size, h, w, 3), np.uint8))
+
+    def _largest_batch(self) -> int:
+        """`batch_size="auto"` on a GPU: the largest power of two up to MAX_AUTO_BATCH (and not above
+        the shard size) whose compiled step runs, trying from the top and halving on out-of-memory."""
+        cap = min(MAX_AUTO_BATCH, int(self.settings.get("shard_size") or MAX_AUTO_BATCH))
+        batch = 1 << max(0, cap.bit_length() - 1)
+        while True:
+            try:
+                self._build_step(batch)
+                self._warm()
+                return batch
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not self.backend.is_oom(exc) or batch == 1:
+                    raise
+                self.step = None
+                batch //= 2
+
+    def _run_step(self, images: np.ndarray, requested: np.ndarray) -> Dict[str, np.ndarray]:
+        """The compiled step on any number of images: chunks of the batch size; on out-of-memory
+        (a GPU shared with another process) the batch size is halved for the rest of the actor."""
+        outs = []
+        pos = 0
+        while pos < len(images):
+            n = min(self.step.batch_size, len(images) - pos)
+            try:
+                outs.append(self.step(images[pos:pos + n], requested[pos:pos + n]))
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not self.backend.is_oom(exc) or self.step.batch_size == 1:
+                    raise
+                self._build_step(self.step.batch_size // 2)
+                continue
+            pos += n
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     def ping(self) -> str:
         return "ok"
@@ -88,6 +171,13 @@ class ExplainWorker:
             "target_layer": self.step.target_layer,
             "activation_layers": self.step.activation_layers,
             "pid": os.getpid(),
+            "batch_size": self.step.batch_size,
+            "read_threads": self.read_threads,
+            "write_threads": self.write_threads,
+            "device": "gpu" if self.gpu else "cpu",
+            "backend": self.backend.name,
+            "precision": self.settings.get("precision", "float32"),
+            "tensorflow_imported": "tensorflow" in sys.modules,  # False under jax: TF never loaded
         }
 
     def process_shard(self, task, result_fingerprint: str = "") -> dict:
@@ -105,13 +195,13 @@ class ExplainWorker:
         t0 = time.perf_counter()
         s = self.settings
         writer = ShardWriter(self.layout, task.shard, self.loaded.class_names, self.step.activation_layers,
-                             s.get("overlay_quality", 90))
+                             s.get("overlay_quality", 90), overlay_max_side=s.get("overlay_max_side"))
         grids_left = int(s.get("activation_grids", 0))
         rows: List = []  # futures or rows, in plan order
         in_flight = collections.deque()
         max_in_flight = 2 * self.step.batch_size
         for batch in iter_decoded_batches(task, self.loaded.preprocessing, self.step.batch_size, self.read_pool,
-                                          budget=self.byte_budget):
+                                          budget=self.byte_budget, max_side=s.get("overlay_max_side")):
             good = [item for item in batch if item.ok]
             results: Dict[int, dict] = {}
             if good:
@@ -119,7 +209,7 @@ class ExplainWorker:
                 requested = resolve_cam_classes([item.label for item in good], s.get("cam_class", "pred"),
                                                 self.loaded.class_names, self.labels)
                 with self.compute_lock:
-                    out = self.step(images, requested)
+                    out = self._run_step(images, requested)
                     grid_maps, take = None, 0
                     if grids_left > 0:
                         take = min(grids_left, len(good))

@@ -1,4 +1,5 @@
-"""TensorFlow process setup shared by the driver and the workers."""
+"""Process set-up shared by the driver and the workers: the Keras backend, TensorFlow's quiet import
+and thread pools."""
 
 from __future__ import annotations
 
@@ -106,3 +107,21 @@ def configure_tensorflow(threads: Optional[int]) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError:
         pass  # already initialized in this process (tests calling in-process): keep its settings
+
+
+def import_backend_quietly(backend: Optional[str] = None) -> str:
+    """Selects the Keras backend for this process (KERAS_BACKEND, before Keras is imported) and
+    imports what it needs: TensorFlow quietly for `tensorflow`; nothing of TensorFlow for `jax`.
+
+    Returns:
+        the backend name in effect.
+
+    Raises:
+        workers.backends.BackendError: unknown backend, or Keras already loaded with another.
+    """
+    from workers.backends import select_backend
+
+    name = select_backend(backend)
+    if name == "tensorflow":
+        import_tensorflow_quietly()
+    return name

@@ -82,13 +82,15 @@ def marker_agrees(marker: dict, part: Optional[dict]) -> bool:
 
 
 def base_row(item: DecodedImage, shard: int) -> dict:
+    # width/height are the original's even when the read stage decoded a JPEG reduced
+    original = item.original_size or ((item.bgr.shape[1], item.bgr.shape[0]) if item.bgr is not None else None)
     return {
         "source_uri": item.uri,
         "image_id": item.image_id,
         "status": "ok" if item.ok else "error",
         "error": item.error,
-        "width": int(item.bgr.shape[1]) if item.bgr is not None else None,
-        "height": int(item.bgr.shape[0]) if item.bgr is not None else None,
+        "width": int(original[0]) if original is not None else None,
+        "height": int(original[1]) if original is not None else None,
         "label": item.label,
         "top_k": [],
         "activations": [],
@@ -108,10 +110,11 @@ class ShardWriter:
         class_names: model class names (index -> label).
         activation_layers: names of the summarized layers, in stats order.
         overlay_quality: JPEG quality.
+        overlay_max_side: overlays and heatmaps at most this long (None: the original size).
     """
 
     def __init__(self, layout: OutputLayout, shard: int, class_names: Sequence[str],
-                 activation_layers: Sequence[str], overlay_quality: int = 90):
+                 activation_layers: Sequence[str], overlay_quality: int = 90, overlay_max_side: Optional[int] = None):
         self.layout = layout
         self.storage = layout.storage
         self.shard = shard
@@ -119,6 +122,7 @@ class ShardWriter:
         self.activation_layers = list(activation_layers)
         self.overlay_quality = overlay_quality
         self.labels = LabelMatcher(self.class_names)
+        self.overlay_max_side = overlay_max_side
 
     def error_row(self, item: DecodedImage) -> dict:
         row = base_row(item, self.shard)
@@ -134,10 +138,11 @@ class ShardWriter:
         row = base_row(item, self.shard)
         row["label_index"] = self.labels.index(item.label)
         try:
-            h, w = item.bgr.shape[:2]
+            bgr = image_io.fit_long_side(item.bgr, self.overlay_max_side)
+            h, w = bgr.shape[:2]
             cam_full = image_io.upsample_cam(result["cam"], w, h)
             heat = image_io.heatmap_uint8(cam_full)
-            overlay = image_io.overlay_bgr(item.bgr, heat)
+            overlay = image_io.overlay_bgr(bgr, heat)
             heat_uri = self.layout.heatmap(self.shard, item.position, item.image_id)
             overlay_uri = self.layout.overlay(self.shard, item.position, item.image_id)
             self.storage.write_bytes(heat_uri, image_io.encode_png(heat))
