@@ -141,6 +141,13 @@ def get_backend(name: Optional[str] = None) -> Backend:
     Raises:
         BackendError: unknown name, or not the backend Keras runs here.
     """
+    import sys
+
+    if "keras" not in sys.modules:
+        # Keras imports its backend's framework: TensorFlow's C++ start-up lines must not reach stderr.
+        from workers.tf_runtime import import_backend_quietly
+
+        import_backend_quietly(name)
     import keras
 
     active = keras.backend.backend()
