@@ -58,9 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=256)
     run.add_argument("--top-k", type=int, default=5)
     run.add_argument("--cam-class", default="pred", help="pred, label (the folder's class) or a class index")
-    run.add_argument("--cam-method", default="gradcam", help="gradcam, gradcam++ or layercam")
+    run.add_argument("--cam-method", default="gradcam",
+                     help="gradcam, gradcam++, layercam, scorecam, or several comma-separated "
+                          "(gradcam,scorecam): a map per method in the same row; the first fills gradcam_*")
     run.add_argument("--cam-score", default="logit", choices=["logit", "probability"],
                      help="logit: pre-activation class score (the paper); probability: the lecture's")
+    run.add_argument("--metrics", default="",
+                     help="faithfulness per image and method, comma-separated: deletion, insertion, road")
+    run.add_argument("--metric-steps", type=int, default=16, help="deletion/insertion steps (RISE's K)")
+    run.add_argument("--scorecam-channels", type=int, default=None,
+                     help="Score-CAM scores the N most activated channels (default 128; 0 = all)")
     run.add_argument("--target-layer", default=None, help="conv layer for the CAM (default: last Conv2D)")
     run.add_argument("--activation-layers", default=None,
                      help="comma-separated layers to summarize (default: every Conv2D and pooling layer)")
@@ -125,6 +132,9 @@ def explain_config_from_args(args):
         overwrite=args.overwrite,
         max_error_rate=args.max_error_rate,
         s3_endpoint_url=args.s3_endpoint_url,
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        metric_steps=args.metric_steps,
+        scorecam_channels=args.scorecam_channels,
     )
 
 

@@ -10,7 +10,8 @@ import os
 from typing import Optional, Tuple, Union
 
 from workers.models import ModelSpec, model_kinds
-from workers.cam_methods import CAM_METHODS
+from workers.cam_methods import CAM_METHODS, parse_methods
+from workers.faithfulness import DEFAULT_STEPS, METRICS, parse_metrics
 from workers.preprocessing import INTERPOLATIONS, SCALINGS
 from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
 
@@ -37,7 +38,9 @@ class ExplainConfig:
         gpus_per_worker: GPUs each actor reserves even if the cluster has none yet (autoscaling).
         top_k: classes reported per image.
         cam_class: "pred" (explain the predicted class), "label" (the folder label's class) or an index.
-        cam_method: "gradcam", "gradcam++" or "layercam".
+        cam_method: "gradcam", "gradcam++", "layercam" or "scorecam", or several comma-separated
+            ("gradcam,scorecam"): one row per image with a map per method (`explanations`); the
+            gradcam_* columns hold the first.
         cam_score: "logit" (pre-activation score, the paper) or "probability" (the lecture).
         target_layer: conv layer for the CAM; None = last Conv2D.
         activation_layers: layers to summarize; None = every Conv2D and pooling layer.
@@ -48,6 +51,9 @@ class ExplainConfig:
         max_error_rate: fraction of error rows above which the job exits non-zero.
         max_shard_retries: attempts per shard after a worker failure before it is reported failed.
         s3_endpoint_url: S3-compatible endpoint (MinIO, Ceph, moto); credentials never go here.
+        metrics: faithfulness metrics per image and method: "deletion", "insertion", "road".
+        metric_steps: deletion / insertion steps K.
+        scorecam_channels: Score-CAM scores the N most activated channels (None = 128, 0 = all).
     """
 
     inputs: Tuple[str, ...]
@@ -72,6 +78,9 @@ class ExplainConfig:
     max_error_rate: float = 1.0
     max_shard_retries: int = 2
     s3_endpoint_url: Optional[str] = None
+    metrics: Tuple[str, ...] = ()
+    metric_steps: int = DEFAULT_STEPS
+    scorecam_channels: Optional[int] = None
 
     # ------------------------------------------------------------------ validation
 
@@ -147,8 +156,17 @@ class ExplainConfig:
                 raise ConfigError(f"--cam-class must be pred, label or a class index, received {cam_class!r}") from None
         if isinstance(cam_class, int) and cam_class < 0:
             raise ConfigError(f"--cam-class index must be >= 0, received {cam_class}")
-        if self.cam_method not in CAM_METHODS:
-            raise ConfigError(f"unknown --cam-method {self.cam_method!r}; expected one of {', '.join(CAM_METHODS)}")
+        try:
+            cam_methods = ",".join(parse_methods(self.cam_method))
+            metrics = tuple(parse_metrics(self.metrics))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--cam-method / --metrics: {exc}") from None
+        if isinstance(self.metric_steps, bool) or not isinstance(self.metric_steps, int) or not 1 <= self.metric_steps <= 1000:
+            raise ConfigError(f"--metric-steps must be an integer within 1..1000, received {self.metric_steps!r}")
+        if self.scorecam_channels is not None and (
+                isinstance(self.scorecam_channels, bool) or not isinstance(self.scorecam_channels, int)
+                or self.scorecam_channels < 0):
+            raise ConfigError(f"--scorecam-channels must be an integer >= 0 (0 = all), received {self.scorecam_channels!r}")
         if self.cam_score not in ("logit", "probability"):
             raise ConfigError(f"--cam-score must be logit or probability, received {self.cam_score!r}")
         model = m
@@ -164,6 +182,8 @@ class ExplainConfig:
             output=output,
             model=model,
             cam_class=cam_class,
+            cam_method=cam_methods,
+            metrics=metrics,
             activation_layers=tuple(self.activation_layers) if self.activation_layers is not None else None,
         )
 
@@ -179,6 +199,8 @@ class ExplainConfig:
         d["inputs"] = tuple(d["inputs"])
         if d.get("activation_layers") is not None:
             d["activation_layers"] = tuple(d["activation_layers"])
+        if d.get("metrics") is not None:
+            d["metrics"] = tuple(d["metrics"])
         return cls(**d)
 
     def result_fingerprint(self) -> str:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 from jobs.config import ConfigError, ExplainConfig
 from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
+from jobs.explanations_summary import describe_explanations, summarize_explanations
 from jobs.plan import ShardTask, iter_shards, list_inputs, make_plan, plan_changes, read_plan, write_plan
 from jobs.progress import Progress
 from workers.faults import ENV_PREFIX as _FAULT_ENV_PREFIX, fault_point
@@ -123,6 +124,9 @@ def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_t
         "read_threads": config.read_threads,
         "write_threads": config.write_threads,
         "tf_threads": tf_threads,
+        "metrics": list(config.metrics),
+        "metric_steps": config.metric_steps,
+        "scorecam_channels": config.scorecam_channels,
     }
 
 
@@ -135,7 +139,8 @@ def inspect_model(config: ExplainConfig) -> dict:
     loaded = load_model(config.model)
     step = ExplainStep(loaded, batch_size=1, target_layer=config.target_layer,
                        activation_layers=config.activation_layers, method=config.cam_method,
-                       cam_score=config.cam_score, top_k=config.top_k)
+                       cam_score=config.cam_score, top_k=config.top_k, metrics=config.metrics,
+                       metric_steps=config.metric_steps, scorecam_channels=config.scorecam_channels)
     if isinstance(config.cam_class, int) and config.cam_class >= loaded.num_classes:
         raise ConfigError(f"--cam-class {config.cam_class} is out of range: the model has {loaded.num_classes} classes")
     info = loaded.describe()
@@ -356,6 +361,7 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
         "started_at": time.time(),
         "images": plan.num_rows,
         "shards": len(tasks),
+        "explanations": describe_explanations(config),
     }
     storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
 
@@ -396,6 +402,7 @@ def _run_explain(config: ExplainConfig, progress: bool) -> JobResult:
     result.error_rate_exceeded = bool(rows and result.errors / rows > config.max_error_rate)
     summary = result.to_dict()
     summary["finished_at"] = time.time()
+    summary["explanations"] = summarize_explanations(layout, config)
     storage.write_bytes(layout.summary_json, json.dumps(summary, indent=2).encode())
     log.finish(result)
     return result

@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from workers.cam_methods import cam_method
+from workers.cam_methods import ModelContext, cam_method, parse_methods
+from workers.faithfulness import DEFAULT_STEPS, FaithfulnessEvaluator
 from workers.models import LoadedModel, ModelError
 
 CAM_SCORES = ("logit", "probability")
@@ -71,9 +72,15 @@ class ExplainStep:
         batch_size: the fixed batch size of the compiled step (short batches are padded).
         target_layer: Conv layer for the CAM; default the last Conv2D.
         activation_layers: layers to summarize; default every Conv2D and pooling layer.
-        method: CAM method name ("gradcam", "gradcam++", "layercam").
+        method: CAM method name ("gradcam", "gradcam++", "layercam", "scorecam"), or several
+            ("gradcam,scorecam" or a list): all from one forward pass and one gradient; `cam` is
+            the first method's map, `cams` holds all of them.
         cam_score: "logit" (pre-activation y^c, the paper) or "probability" (the lecture).
         top_k: how many classes to report per image.
+        metrics: faithfulness metrics per method ("deletion", "insertion", "road"); see
+            `workers/faithfulness.py`.
+        metric_steps: deletion / insertion steps.
+        scorecam_channels: Score-CAM's cap on scored channels (None = its default, 0 = all).
 
     Raises:
         ModelError: a named layer does not exist or has the wrong rank.
@@ -88,6 +95,9 @@ class ExplainStep:
         method: str = "gradcam",
         cam_score: str = "logit",
         top_k: int = 5,
+        metrics: Sequence[str] = (),
+        metric_steps: int = DEFAULT_STEPS,
+        scorecam_channels: Optional[int] = None,
     ):
         import tensorflow as tf
 
@@ -110,7 +120,12 @@ class ExplainStep:
                 raise ModelError(f"layer {name!r} must output (batch, h, w, channels) maps, its rank is {rank}")
         self.top_k = max(1, min(int(top_k), loaded.num_classes))
         self.cam_score = cam_score
-        self.method = cam_method(method)
+        self.method_names = parse_methods(method)
+        self.methods = [cam_method(n, max_channels=scorecam_channels) for n in self.method_names]
+        self.method = self.methods[0]
+        self.evaluator = FaithfulnessEvaluator(metrics, metric_steps) if metrics else None
+        # Score-CAM and the metrics batch perturbed images: at most this many per forward pass.
+        self.images_per_forward = 2 * self.batch_size
 
         # One graph with every tensor we need: target maps, summarized maps, logits.
         map_layers = list(dict.fromkeys([self.target_layer, *self.activation_layers]))
@@ -124,6 +139,12 @@ class ExplainStep:
         ]
         self._compiled = tf.function(self._step, input_signature=spec, reduce_retracing=True)
         self._grid_fn = None
+        self._metrics_compiled = None
+        if self.evaluator is not None:
+            spec = [tf.TensorSpec([self.batch_size, h, w, 3], tf.uint8),
+                    tf.TensorSpec([self.batch_size, None, None], tf.float32),
+                    tf.TensorSpec([self.batch_size], tf.int32)]
+            self._metrics_compiled = tf.function(self._metrics_step, input_signature=spec, reduce_retracing=True)
 
     # ------------------------------------------------------------------ graph
 
@@ -166,7 +187,8 @@ class ExplainStep:
             # depends only on image i (inference mode), so d(sum)/dA_i = dy_i/dA_i.
             score = tf.reduce_sum(self._class_score(logits, probs, cls))
         grads = tape.gradient(score, target)
-        cam = self.method(grads, target)
+        cams = self._all_cams(grads, target, x, cls)
+        cam = cams[:, 0]
         stats = []
         for i in self._act_index:
             a = maps[i]
@@ -188,6 +210,7 @@ class ExplainStep:
             "pred_score": tf.gather(probs, pred, axis=1, batch_dims=1),
             "cam_index": cls,
             "cam": cam,
+            "cams": cams,  # [B, methods, h, w]
             "stats": stats,  # [B, layers, (mean, std, max, zero_fraction)]
             "top_index": top_index,
             "top_score": top_scores,
@@ -215,7 +238,10 @@ class ExplainStep:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             requested_class = np.concatenate([requested_class, np.full((pad,), -1, np.int32)])
         out = self._compiled(images, requested_class.astype(np.int32))
-        return {k: v.numpy()[:n] for k, v in out.items()}
+        out = {k: v.numpy() for k, v in out.items()}
+        if self.evaluator is not None:
+            out.update(self._metrics_all_methods(images, out["cams"], out["cam_index"]))
+        return {k: v[:n] for k, v in out.items()}
 
     def activation_maps(self, images: np.ndarray) -> List[np.ndarray]:
         """Full activation maps of the summarized layers for a few images (channel grids)."""
@@ -224,3 +250,60 @@ class ExplainStep:
         x = self.loaded.preprocessing.scale_tensor(tf.cast(images, tf.float32))
         outs = self._graph(x, training=False)
         return [outs[i].numpy() for i in self._act_index]
+
+    # ------------------------------------------------------------ several methods, Score-CAM, metrics
+    # Score-CAM (`needs_model` methods) and the faithfulness metrics run forward passes of the model
+    # on perturbed batches; everything here is keras.ops apart from the tf.function around it.
+
+    def _class_probability(self, model_inputs, classes):
+        """Probability of each image's class on scaled model inputs, [N]."""
+        import keras
+
+        probs = self._probabilities(self._graph(model_inputs, training=False)[-1])
+        return keras.ops.take_along_axis(probs, keras.ops.cast(classes, "int32")[:, None], axis=1)[:, 0]
+
+    def _all_cams(self, grads, target, x, cls):
+        """[B, methods, h, w]: every method's normalized map from the same forward pass and gradient."""
+        import keras
+
+        context = ModelContext(inputs=x, classes=cls, class_probability=self._class_probability,
+                               images_per_forward=self.images_per_forward)
+        return keras.ops.stack([m.explain(grads, target, context) for m in self.methods], axis=1)
+
+    def _metrics_step(self, images, maps, classes):
+        def probability(pixels, cls):
+            return self._class_probability(self.loaded.preprocessing.scale_tensor(pixels), cls)
+
+        return self.evaluator(images, maps, classes, probability)
+
+    def _metrics_all_methods(self, images, cams, classes):
+        """Per method, one compiled call for the whole batch: {output: [B, methods, ...]}."""
+        per_method = [self._metrics_compiled(images, cams[:, m].astype(np.float32), classes.astype(np.int32))
+                      for m in range(len(self.methods))]
+        return {k: np.stack([r[k].numpy() for r in per_method], axis=1) for k in per_method[0]}
+
+    def faithfulness(self, images: np.ndarray, maps: np.ndarray, classes: np.ndarray) -> Dict[str, np.ndarray]:
+        """The metrics of arbitrary maps (e.g. a random or inverted map, as baselines).
+
+        Args:
+            images: [n, H, W, 3] uint8 at the model input size, n <= batch_size.
+            maps: [n, h, w] float maps, any resolution.
+            classes: [n] int32 class to score per image.
+
+        Returns:
+            {output: [n, ...]} as `FaithfulnessEvaluator`.
+
+        Raises:
+            ValueError: the step was built without metrics, or the batch is too large.
+        """
+        if self.evaluator is None:
+            raise ValueError("this ExplainStep was built without metrics; pass metrics=(...)")
+        n = images.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} images exceeds the compiled batch size {self.batch_size}")
+        pad = self.batch_size - n
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        maps = np.concatenate([maps, np.zeros((pad,) + maps.shape[1:], maps.dtype)]).astype(np.float32)
+        classes = np.concatenate([classes, np.zeros(pad, np.int32)]).astype(np.int32)
+        out = self._metrics_compiled(images, maps, classes)
+        return {k: v.numpy()[:n] for k, v in out.items()}

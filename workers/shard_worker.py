@@ -60,6 +60,9 @@ class ExplainWorker:
             method=settings.get("cam_method", "gradcam"),
             cam_score=settings.get("cam_score", "logit"),
             top_k=settings.get("top_k", 5),
+            metrics=settings.get("metrics") or (),
+            metric_steps=settings.get("metric_steps", 16),
+            scorecam_channels=settings.get("scorecam_channels"),
         )
         self.layout = OutputLayout(settings["output"])
         self.read_pool = ThreadPoolExecutor(settings.get("read_threads", 4), thread_name_prefix="read")
@@ -93,7 +96,7 @@ class ExplainWorker:
         t0 = time.perf_counter()
         s = self.settings
         writer = ShardWriter(self.layout, task.shard, self.loaded.class_names, self.step.activation_layers,
-                             s.get("overlay_quality", 90))
+                             s.get("overlay_quality", 90), methods=self.step.method_names)
         grids_left = int(s.get("activation_grids", 0))
         rows: List = []  # futures or rows, in plan order
         in_flight = collections.deque()

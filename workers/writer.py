@@ -43,6 +43,7 @@ def base_row(item: DecodedImage, shard: int) -> dict:
         "source_size": item.size,
         "source_version": item.version,
         "shard": shard,
+        "explanations": [],
     }
 
 
@@ -55,16 +56,20 @@ class ShardWriter:
         class_names: model class names (index -> label).
         activation_layers: names of the summarized layers, in stats order.
         overlay_quality: JPEG quality.
+        methods: the run's CAM method names, in order (`explanations`; the first one also fills
+            the gradcam_* and cam_peak_* columns).
     """
 
     def __init__(self, layout: OutputLayout, shard: int, class_names: Sequence[str],
-                 activation_layers: Sequence[str], overlay_quality: int = 90):
+                 activation_layers: Sequence[str], overlay_quality: int = 90,
+                 methods: Sequence[str] = ("gradcam",)):
         self.layout = layout
         self.storage = layout.storage
         self.shard = shard
         self.class_names = list(class_names)
         self.activation_layers = list(activation_layers)
         self.overlay_quality = overlay_quality
+        self.methods = list(methods)
 
     def error_row(self, item: DecodedImage) -> dict:
         return base_row(item, self.shard)
@@ -114,9 +119,41 @@ class ShardWriter:
                 ],
                 activation_grid_uris=grid_uris,
             )
+            row["explanations"] = self._explanations(item, result, heat_uri, overlay_uri, (peak_x, peak_y))
         except Exception as exc:  # a write failure is this image's error, not the shard's
             row.update(status="error", error=f"cannot write outputs: {type(exc).__name__}: {exc}".replace("\n", " "))
         return row
+
+    def _explanations(self, item: DecodedImage, result: Dict[str, np.ndarray], heat_uri: str,
+                      overlay_uri: str, peak) -> List[dict]:
+        """One entry per method: the first reuses the files written above, each further method
+        writes its own heatmap and overlay (`-<method>` names); metrics where computed, else null."""
+        h, w = item.bgr.shape[:2]
+        cams = result.get("cams")
+        entries = []
+        for m, method in enumerate(self.methods):
+            if m > 0:
+                cam_full = image_io.upsample_cam(cams[m], w, h)
+                heat = image_io.heatmap_uint8(cam_full)
+                m_heat = self.layout.heatmap(self.shard, item.position, item.image_id, method)
+                m_overlay = self.layout.overlay(self.shard, item.position, item.image_id, method)
+                self.storage.write_bytes(m_heat, image_io.encode_png(heat))
+                self.storage.write_bytes(m_overlay, image_io.encode_jpeg(image_io.overlay_bgr(item.bgr, heat),
+                                                                         self.overlay_quality))
+                m_peak = image_io.cam_peak(cam_full)
+            else:
+                m_heat, m_overlay, m_peak = heat_uri, overlay_uri, peak
+            entry = {"method": method, "heatmap_uri": m_heat, "overlay_uri": m_overlay,
+                     "cam_peak_x": float(m_peak[0]), "cam_peak_y": float(m_peak[1]),
+                     "deletion_auc": None, "insertion_auc": None, "road_morf": None, "road_lerf": None}
+            for key in ("deletion_auc", "insertion_auc"):
+                if key in result:
+                    entry[key] = float(result[key][m])
+            for key in ("road_morf", "road_lerf"):
+                if key in result:
+                    entry[key] = [float(v) for v in result[key][m]]
+            entries.append(entry)
+        return entries
 
     def commit(self, rows: List[dict], content_hash: str, seconds: float, result_fingerprint: str) -> dict:
         """Stages the manifest part, writes the commit marker, publishes the part, then deletes
@@ -157,6 +194,7 @@ class ShardWriter:
         for r in rows:
             keep.update(u for u in (r.get("gradcam_overlay_uri"), r.get("gradcam_heatmap_uri")) if u)
             keep.update(r.get("activation_grid_uris") or ())
+            keep.update(u for e in r.get("explanations") or () for u in (e["heatmap_uri"], e["overlay_uri"]) if u)
         deleted = 0
         for folder in self.layout.shard_image_dirs(self.shard):
             for uri in list(self.storage.list_names(folder)):
