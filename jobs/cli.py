@@ -102,9 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, default=None, metavar="N",
                      help="process only the first N inputs of the sorted listing, to try settings "
                           "(a later run without --limit in the same output does the rest)")
-    run.add_argument("--cam-method", default="gradcam", help="gradcam, gradcam++ or layercam")
+    run.add_argument("--cam-method", default="gradcam",
+                     help="gradcam, gradcam++, layercam, scorecam, or several comma-separated "
+                          "(gradcam,scorecam): a map per method in the same row; the first fills gradcam_*")
     run.add_argument("--cam-score", default="logit", choices=["logit", "probability"],
                      help="logit: pre-activation class score (the paper); probability: the lecture's")
+    run.add_argument("--metrics", default="",
+                     help="faithfulness per image and method, comma-separated: deletion, insertion, road")
+    run.add_argument("--metric-steps", type=int, default=16, help="deletion/insertion steps (RISE's K)")
+    run.add_argument("--scorecam-channels", type=int, default=None,
+                     help="Score-CAM scores the N most activated channels (default 128; 0 = all)")
     run.add_argument("--target-layer", default=None, help="conv layer for the CAM (default: last Conv2D)")
     run.add_argument("--activation-layers", default=None,
                      help="comma-separated layers to summarize (default: every Conv2D and pooling layer)")
@@ -221,6 +228,9 @@ def explain_config_from_args(args):
         backend=args.backend,
         precision=args.precision,
         overlay_max_side=args.overlay_max_side,
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        metric_steps=args.metric_steps,
+        scorecam_channels=args.scorecam_channels,
     )
 
 

@@ -10,7 +10,8 @@ import os
 from typing import Optional, Tuple, Union
 
 from workers.models import WEIGHTS_FROM_MODEL_FILE, ModelSpec, model_kinds
-from workers.cam_methods import CAM_METHODS
+from workers.cam_methods import CAM_METHODS, parse_methods
+from workers.faithfulness import DEFAULT_STEPS, METRICS, parse_metrics
 from workers.preprocessing import INTERPOLATIONS, SCALINGS
 from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
 
@@ -57,7 +58,9 @@ class ExplainConfig:
         gpus_per_worker: GPUs each actor reserves even if the cluster has none yet (autoscaling).
         top_k: classes reported per image.
         cam_class: "pred" (explain the predicted class), "label" (the folder label's class) or an index.
-        cam_method: "gradcam", "gradcam++" or "layercam".
+        cam_method: "gradcam", "gradcam++", "layercam" or "scorecam", or several comma-separated
+            ("gradcam,scorecam"): one row per image with a map per method (`explanations`); the
+            gradcam_* columns hold the first.
         cam_score: "logit" (pre-activation score, the paper) or "probability" (the lecture).
         target_layer: conv layer for the CAM; None = last Conv2D.
         activation_layers: layers to summarize; None = every Conv2D and pooling layer.
@@ -84,6 +87,9 @@ class ExplainConfig:
         overlay_max_side: overlays and heatmaps are written with their long side at most this
             many pixels (None: the original size); JPEGs are then decoded at 1/2, 1/4 or 1/8 scale
             by libjpeg when that is still at least the model input and this size.
+        metrics: faithfulness metrics per image and method: "deletion", "insertion", "road".
+        metric_steps: deletion / insertion steps K.
+        scorecam_channels: Score-CAM scores the N most activated channels (None = 128, 0 = all).
     """
 
     inputs: Tuple[str, ...]
@@ -116,6 +122,9 @@ class ExplainConfig:
     backend: str = "tensorflow"
     precision: str = "float32"
     overlay_max_side: Optional[int] = None
+    metrics: Tuple[str, ...] = ()
+    metric_steps: int = DEFAULT_STEPS
+    scorecam_channels: Optional[int] = None
 
     # ------------------------------------------------------------------ validation
 
@@ -215,8 +224,17 @@ class ExplainConfig:
                 raise ConfigError(f"--cam-class must be pred, label or a class index, received {cam_class!r}") from None
         if isinstance(cam_class, int) and cam_class < 0:
             raise ConfigError(f"--cam-class index must be >= 0, received {cam_class}")
-        if self.cam_method not in CAM_METHODS:
-            raise ConfigError(f"unknown --cam-method {self.cam_method!r}; expected one of {', '.join(CAM_METHODS)}")
+        try:
+            cam_methods = ",".join(parse_methods(self.cam_method))
+            metrics = tuple(parse_metrics(self.metrics))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--cam-method / --metrics: {exc}") from None
+        if isinstance(self.metric_steps, bool) or not isinstance(self.metric_steps, int) or not 1 <= self.metric_steps <= 1000:
+            raise ConfigError(f"--metric-steps must be an integer within 1..1000, received {self.metric_steps!r}")
+        if self.scorecam_channels is not None and (
+                isinstance(self.scorecam_channels, bool) or not isinstance(self.scorecam_channels, int)
+                or self.scorecam_channels < 0):
+            raise ConfigError(f"--scorecam-channels must be an integer >= 0 (0 = all), received {self.scorecam_channels!r}")
         if self.cam_score not in ("logit", "probability"):
             raise ConfigError(f"--cam-score must be logit or probability, received {self.cam_score!r}")
         model = m
@@ -233,6 +251,8 @@ class ExplainConfig:
             model=model,
             cam_class=cam_class,
             batch_size=batch_size,
+            cam_method=cam_methods,
+            metrics=metrics,
             activation_layers=tuple(self.activation_layers) if self.activation_layers is not None else None,
         )
 
@@ -248,6 +268,8 @@ class ExplainConfig:
         d["inputs"] = tuple(d["inputs"])
         if d.get("activation_layers") is not None:
             d["activation_layers"] = tuple(d["activation_layers"])
+        if d.get("metrics") is not None:
+            d["metrics"] = tuple(d["metrics"])
         return cls(**d)
 
     def result_fingerprint(self) -> str:

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 from jobs.config import MAX_REMOVED_SHARE, NON_RESULT_FIELDS, ConfigError, ExplainConfig
 from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
+from jobs.explanations_summary import describe_explanations, summarize_explanations
 from jobs.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, match_previous, plan_changes,
                        plan_shards, read_plan, write_plan)
 from jobs.progress import Progress
@@ -144,6 +145,9 @@ def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_t
         "overlay_max_side": config.overlay_max_side,
         "cpus": cpus,  # the CPUs the worker holds: sizes its read/write pools when not given
         "shard_size": config.shard_size,
+        "metrics": list(config.metrics),
+        "metric_steps": config.metric_steps,
+        "scorecam_channels": config.scorecam_channels,
     }
 
 
@@ -157,7 +161,8 @@ def inspect_model(config: ExplainConfig) -> dict:
         loaded = load_model(config.model)
     step = ExplainStep(loaded, batch_size=1, target_layer=config.target_layer,
                        activation_layers=config.activation_layers, method=config.cam_method,
-                       cam_score=config.cam_score, top_k=config.top_k)
+                       cam_score=config.cam_score, top_k=config.top_k, metrics=config.metrics,
+                       metric_steps=config.metric_steps, scorecam_channels=config.scorecam_channels)
     if isinstance(config.cam_class, int) and config.cam_class >= loaded.num_classes:
         raise ConfigError(f"--cam-class {config.cam_class} is out of range: the model has {loaded.num_classes} classes")
     info = loaded.describe()
@@ -358,6 +363,7 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
         "started_at": time.time(),
         "images": plan.num_rows,
         "shards": len(tasks),
+        "explanations": describe_explanations(config),
     }
     storage.write_bytes(layout.job_json, json.dumps(job, indent=2, default=str).encode())
 
@@ -405,6 +411,7 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
     result.max_error_rate = config.max_error_rate
     summary = result.to_dict()
     summary["finished_at"] = time.time()
+    summary["explanations"] = summarize_explanations(layout, config)
     storage.write_bytes(layout.summary_json, json.dumps(summary, indent=2).encode())
     if result.empty_maps:
         log.message(f"{result.empty_maps} images have an all-zero {config.cam_method} map (null peaks, "

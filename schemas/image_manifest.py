@@ -26,6 +26,24 @@ ACTIVATIONS_TYPE = pa.list_(
     )
 )
 
+# One entry per CAM method of the run (`--cam-method a,b,...`), in the order asked; the metrics are
+# null unless `--metrics` asked for them (definitions in job.json, "explanations").
+EXPLANATIONS_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("method", pa.string()),
+            ("heatmap_uri", pa.string()),
+            ("overlay_uri", pa.string()),
+            ("cam_peak_x", pa.float32()),
+            ("cam_peak_y", pa.float32()),
+            ("deletion_auc", pa.float32()),
+            ("insertion_auc", pa.float32()),
+            ("road_morf", pa.list_(pa.float32())),  # at ROAD_FRACTIONS 10/30/50/70/90 %
+            ("road_lerf", pa.list_(pa.float32())),
+        ]
+    )
+)
+
 IMAGE_MANIFEST_SCHEMA = pa.schema(
     [
         ("source_uri", pa.string()),
@@ -59,6 +77,7 @@ IMAGE_MANIFEST_SCHEMA = pa.schema(
         ("label_index", pa.int32()),  # class the folder label names (workers/labels.py), or null
         ("correct", pa.bool_()),  # pred_index == label_index; null without a matching label or on error
         ("cam_spread", pa.float32()),  # share of the heatmap above half its max (1 = flat); null if all zero
+        ("explanations", EXPLANATIONS_TYPE),  # per CAM method; gradcam_*/cam_peak_* = the first
     ],
     metadata={"bulk_explain.schema": "image_manifest", "bulk_explain.schema_version": SCHEMA_VERSION},
 )

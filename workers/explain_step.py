@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from workers.cam_methods import cam_method
+from workers.cam_methods import ModelContext, cam_method, parse_methods
+from workers.faithfulness import DEFAULT_STEPS, FaithfulnessEvaluator
 from workers.models import LoadedModel, ModelError
 
 CAM_SCORES = ("logit", "probability")
@@ -95,10 +96,16 @@ class ExplainStep:
         batch_size: the fixed batch size of the compiled step (short batches are padded).
         target_layer: Conv layer for the CAM; default the last Conv2D.
         activation_layers: layers to summarize; default every Conv2D and pooling layer.
-        method: CAM method name ("gradcam", "gradcam++", "layercam").
+        method: CAM method name ("gradcam", "gradcam++", "layercam", "scorecam"), or several
+            ("gradcam,scorecam" or a list): all from one forward pass and one gradient; `cam` is
+            the first method's map, `cams` holds all of them.
         cam_score: "logit" (pre-activation y^c, the paper) or "probability" (the lecture).
         top_k: how many classes to report per image.
         jit_compile: TensorFlow only: XLA-compile the step (None: the backend's measured default).
+        metrics: faithfulness metrics per method ("deletion", "insertion", "road"); see
+            `workers/faithfulness.py`.
+        metric_steps: deletion / insertion steps.
+        scorecam_channels: Score-CAM's cap on scored channels (None = its default, 0 = all).
 
     Raises:
         ModelError: a named layer does not exist or has the wrong rank.
@@ -114,6 +121,9 @@ class ExplainStep:
         cam_score: str = "logit",
         top_k: int = 5,
         jit_compile: Optional[bool] = None,
+        metrics: Sequence[str] = (),
+        metric_steps: int = DEFAULT_STEPS,
+        scorecam_channels: Optional[int] = None,
     ):
         from workers.backends import get_backend
 
@@ -137,7 +147,12 @@ class ExplainStep:
                 raise ModelError(f"layer {name!r} must output (batch, h, w, channels) maps, its rank is {rank}")
         self.top_k = max(1, min(int(top_k), loaded.num_classes))
         self.cam_score = cam_score
-        self.method = cam_method(method)
+        self.method_names = parse_methods(method)
+        self.methods = [cam_method(n, max_channels=scorecam_channels) for n in self.method_names]
+        self.method = self.methods[0]
+        self.evaluator = FaithfulnessEvaluator(metrics, metric_steps) if metrics else None
+        # Score-CAM and the metrics batch perturbed images: at most this many per forward pass.
+        self.images_per_forward = 2 * self.batch_size
 
         # One graph with every tensor we need: target maps (+ the zero delta the gradient is taken
         # against), summarized maps, logits.
@@ -148,6 +163,9 @@ class ExplainStep:
         self._target_shape = tuple(int(d) for d in model.get_layer(self.target_layer).output.shape[1:])
         self._compiled = self.backend.compile(self._step, [self._graph], jit_compile=jit_compile)
         self._maps_fn = None
+        self._metrics_compiled = None
+        if self.evaluator is not None:
+            self._metrics_compiled = self.backend.compile(self._metrics_step, [self._graph], jit_compile=jit_compile)
 
     # ------------------------------------------------------------------ graph
 
@@ -206,7 +224,8 @@ class ExplainStep:
             self._graph, [x, delta], 1, self._head(requested_class))
         maps = [ops.cast(m, "float32") for m in outs[:-1]]
         target = maps[0]
-        cam = self.method(ops.cast(grads, "float32"), target)
+        cams = self._all_cams(ops.cast(grads, "float32"), target, x, cls)
+        cam = cams[:, 0]
         stats = []
         for i in self._act_index:
             a = maps[i]
@@ -228,6 +247,7 @@ class ExplainStep:
             "pred_score": _take_per_row(probs, pred),
             "cam_index": cls,
             "cam": cam,
+            "cams": cams,  # [B, methods, h, w]
             "stats": stats,  # [B, layers, (mean, std, max, zero_fraction)]
             "top_index": ops.cast(top_index, "int32"),
             "top_score": top_scores,
@@ -266,13 +286,74 @@ class ExplainStep:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             requested_class = np.concatenate([requested_class, np.full((pad,), -1, np.int32)])
         out = self._compiled(np.ascontiguousarray(images, np.uint8), requested_class.astype(np.int32))
-        return {k: np.asarray(v)[:n] for k, v in out.items()}
+        out = {k: np.asarray(v) for k, v in out.items()}
+        if self.evaluator is not None:
+            out.update(self._metrics_all_methods(images, out["cams"], out["cam_index"]))
+        return {k: v[:n] for k, v in out.items()}
 
     def activation_maps(self, images: np.ndarray) -> List[np.ndarray]:
         """Full activation maps of the summarized layers for a few images (channel grids), float32."""
         if self._maps_fn is None:
             self._maps_fn = self.backend.compile(self._maps, [self._graph])
         return [np.asarray(m) for m in self._maps_fn(np.ascontiguousarray(images, np.uint8))]
+
+    # ------------------------------------------------------------ several methods, Score-CAM, metrics
+    # Score-CAM (`needs_model` methods) and the faithfulness metrics run forward passes of the model
+    # on perturbed batches; everything here is keras.ops, compiled by the backend like the step.
+
+    def _class_probability(self, model_inputs, classes):
+        """Probability of each image's class on scaled model inputs, [N]."""
+        from keras import ops
+
+        delta = ops.zeros((model_inputs.shape[0],) + self._target_shape, "float32")
+        logits = ops.cast(self._graph([model_inputs, delta], training=False)[-1], "float32")
+        return _take_per_row(self._probabilities(logits), ops.cast(classes, "int32"))
+
+    def _all_cams(self, grads, target, x, cls):
+        """[B, methods, h, w]: every method's normalized map from the same forward pass and gradient."""
+        import keras
+
+        context = ModelContext(inputs=x, classes=cls, class_probability=self._class_probability,
+                               images_per_forward=self.images_per_forward)
+        return keras.ops.stack([m.explain(grads, target, context) for m in self.methods], axis=1)
+
+    def _metrics_step(self, images, maps, classes):
+        def probability(pixels, cls):
+            return self._class_probability(self.loaded.preprocessing.scale_tensor(pixels), cls)
+
+        return self.evaluator(images, maps, classes, probability)
+
+    def _metrics_all_methods(self, images, cams, classes):
+        """Per method, one compiled call for the whole batch: {output: [B, methods, ...]}."""
+        per_method = [self._metrics_compiled(images, cams[:, m].astype(np.float32), classes.astype(np.int32))
+                      for m in range(len(self.methods))]
+        return {k: np.stack([np.asarray(r[k]) for r in per_method], axis=1) for k in per_method[0]}
+
+    def faithfulness(self, images: np.ndarray, maps: np.ndarray, classes: np.ndarray) -> Dict[str, np.ndarray]:
+        """The metrics of arbitrary maps (e.g. a random or inverted map, as baselines).
+
+        Args:
+            images: [n, H, W, 3] uint8 at the model input size, n <= batch_size.
+            maps: [n, h, w] float maps, any resolution.
+            classes: [n] int32 class to score per image.
+
+        Returns:
+            {output: [n, ...]} as `FaithfulnessEvaluator`.
+
+        Raises:
+            ValueError: the step was built without metrics, or the batch is too large.
+        """
+        if self.evaluator is None:
+            raise ValueError("this ExplainStep was built without metrics; pass metrics=(...)")
+        n = images.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} images exceeds the compiled batch size {self.batch_size}")
+        pad = self.batch_size - n
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        maps = np.concatenate([maps, np.zeros((pad,) + maps.shape[1:], maps.dtype)]).astype(np.float32)
+        classes = np.concatenate([classes, np.zeros(pad, np.int32)]).astype(np.int32)
+        out = self._metrics_compiled(images, maps, classes)
+        return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 
 def _take_per_row(values, index):

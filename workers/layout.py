@@ -22,6 +22,17 @@ def _check_ids(shard: int, position: int = 0, image_id: str = "0" * 16) -> None:
         raise ValueError(f"image id must be a lowercase hex digest, received {image_id!r}")
 
 
+def _method_suffix(method: str) -> str:
+    """`-gradcampp` for "gradcam++": registry names mapped to [a-z0-9] so no name can add a path
+    separator or collide with the first method's file."""
+    if not method:
+        return ""
+    safe = re.sub(r"[^a-z0-9]", "", method.lower().replace("+", "p"))
+    if not safe:
+        raise ValueError(f"CAM method name must contain letters or digits, received {method!r}")
+    return "-" + safe
+
+
 class OutputLayout:
     def __init__(self, output: str):
         self.output = output.rstrip("/") if "://" in output else output
@@ -77,11 +88,14 @@ class OutputLayout:
         _check_ids(shard, position, image_id)
         return f"{shard:05d}/{position:05d}-{image_id[:16]}"
 
-    def overlay(self, shard: int, position: int, image_id: str) -> str:
-        return self._join("overlays", *(self._stem(shard, position, image_id) + ".jpg").split("/"))
+    def overlay(self, shard: int, position: int, image_id: str, method: str = "") -> str:
+        """`method`: "" for the run's first CAM method (today's names); others get a suffix."""
+        stem = self._stem(shard, position, image_id) + _method_suffix(method)
+        return self._join("overlays", *(stem + ".jpg").split("/"))
 
-    def heatmap(self, shard: int, position: int, image_id: str) -> str:
-        return self._join("heatmaps", *(self._stem(shard, position, image_id) + ".png").split("/"))
+    def heatmap(self, shard: int, position: int, image_id: str, method: str = "") -> str:
+        stem = self._stem(shard, position, image_id) + _method_suffix(method)
+        return self._join("heatmaps", *(stem + ".png").split("/"))
 
     def activation_grid(self, shard: int, position: int, image_id: str, layer_index: int, layer: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", layer)

@@ -118,6 +118,9 @@ class ExplainWorker:
             method=s.get("cam_method", "gradcam"),
             cam_score=s.get("cam_score", "logit"),
             top_k=s.get("top_k", 5),
+            metrics=s.get("metrics") or (),
+            metric_steps=s.get("metric_steps", 16),
+            scorecam_channels=s.get("scorecam_channels"),
         )
 
     def _warm(self) -> None:
@@ -195,7 +198,8 @@ class ExplainWorker:
         t0 = time.perf_counter()
         s = self.settings
         writer = ShardWriter(self.layout, task.shard, self.loaded.class_names, self.step.activation_layers,
-                             s.get("overlay_quality", 90), overlay_max_side=s.get("overlay_max_side"))
+                             s.get("overlay_quality", 90), overlay_max_side=s.get("overlay_max_side"),
+                             methods=self.step.method_names)
         grids_left = int(s.get("activation_grids", 0))
         rows: List = []  # futures or rows, in plan order
         in_flight = collections.deque()

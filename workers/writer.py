@@ -98,6 +98,7 @@ def base_row(item: DecodedImage, shard: int) -> dict:
         "source_size": item.size,
         "source_version": item.version,
         "shard": shard,
+        "explanations": [],
     }
 
 
@@ -111,10 +112,13 @@ class ShardWriter:
         activation_layers: names of the summarized layers, in stats order.
         overlay_quality: JPEG quality.
         overlay_max_side: overlays and heatmaps at most this long (None: the original size).
+        methods: the run's CAM method names, in order (`explanations`; the first one also fills
+            the gradcam_* and cam_peak_* columns).
     """
 
     def __init__(self, layout: OutputLayout, shard: int, class_names: Sequence[str],
-                 activation_layers: Sequence[str], overlay_quality: int = 90, overlay_max_side: Optional[int] = None):
+                 activation_layers: Sequence[str], overlay_quality: int = 90, overlay_max_side: Optional[int] = None,
+                 methods: Sequence[str] = ("gradcam",)):
         self.layout = layout
         self.storage = layout.storage
         self.shard = shard
@@ -123,6 +127,7 @@ class ShardWriter:
         self.overlay_quality = overlay_quality
         self.labels = LabelMatcher(self.class_names)
         self.overlay_max_side = overlay_max_side
+        self.methods = list(methods)
 
     def error_row(self, item: DecodedImage) -> dict:
         row = base_row(item, self.shard)
@@ -182,9 +187,43 @@ class ShardWriter:
                 correct=None if row["label_index"] is None else pred == row["label_index"],
                 cam_spread=cam_spread(cam_full),
             )
+            row["explanations"] = self._explanations(item, bgr, result, heat_uri, overlay_uri, (peak_x, peak_y))
         except Exception as exc:  # a write failure is this image's error, not the shard's
             row.update(status="error", error=f"cannot write outputs: {type(exc).__name__}: {exc}".replace("\n", " "))
         return row
+
+    def _explanations(self, item: DecodedImage, bgr: np.ndarray, result: Dict[str, np.ndarray], heat_uri: str,
+                      overlay_uri: str, peak) -> List[dict]:
+        """One entry per method: the first reuses the files written above, each further method
+        writes its own heatmap and overlay (`-<method>` names); metrics where computed, else null."""
+        h, w = bgr.shape[:2]  # the overlay's size (at most --overlay-max-side)
+        cams = result.get("cams")
+        entries = []
+        for m, method in enumerate(self.methods):
+            if m > 0:
+                cam_full = image_io.upsample_cam(cams[m], w, h)
+                heat = image_io.heatmap_uint8(cam_full)
+                m_heat = self.layout.heatmap(self.shard, item.position, item.image_id, method)
+                m_overlay = self.layout.overlay(self.shard, item.position, item.image_id, method)
+                self.storage.write_bytes(m_heat, image_io.encode_png(heat))
+                self.storage.write_bytes(m_overlay, image_io.encode_jpeg(image_io.overlay_bgr(bgr, heat),
+                                                                         self.overlay_quality))
+                m_peak = image_io.cam_peak(cam_full)
+            else:
+                m_heat, m_overlay, m_peak = heat_uri, overlay_uri, peak
+            entry = {"method": method, "heatmap_uri": m_heat, "overlay_uri": m_overlay,
+                     # an all-zero map has no peak (null), as in cam_peak_x/y
+                     "cam_peak_x": None if m_peak[0] is None else float(m_peak[0]),
+                     "cam_peak_y": None if m_peak[1] is None else float(m_peak[1]),
+                     "deletion_auc": None, "insertion_auc": None, "road_morf": None, "road_lerf": None}
+            for key in ("deletion_auc", "insertion_auc"):
+                if key in result:
+                    entry[key] = float(result[key][m])
+            for key in ("road_morf", "road_lerf"):
+                if key in result:
+                    entry[key] = [float(v) for v in result[key][m]]
+            entries.append(entry)
+        return entries
 
     def commit(self, rows: List[dict], content_hash: str, seconds: float, result_fingerprint: str) -> dict:
         """Stages the manifest part, writes the commit marker, publishes the part, then deletes
@@ -248,6 +287,7 @@ class ShardWriter:
         for r in rows:
             keep.update(u for u in (r.get("gradcam_overlay_uri"), r.get("gradcam_heatmap_uri")) if u)
             keep.update(r.get("activation_grid_uris") or ())
+            keep.update(u for e in r.get("explanations") or () for u in (e["heatmap_uri"], e["overlay_uri"]) if u)
         deleted = 0
         for folder in self.layout.shard_image_dirs(self.shard):
             for uri in list(self.storage.list_names(folder)):
