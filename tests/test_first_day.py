@@ -235,6 +235,7 @@ def test_help_shows_every_default_and_every_option_has_help():
 # ---------------------------------------------------------------- a whole run, as a user sees it
 
 
+@pytest.mark.slow  # a whole CLI run with Ray plus a refused re-run: ~40 s idle, 75-120 s on the loaded dev machine
 def test_quiet_run_labels_correct_and_failure_reason(pets, tmp_path):
     """A run on this CPU-only machine: stderr holds only our own lines (no TF/CUDA/absl chatter, no
     Keras or Ray warnings, no ANSI codes); the unmatched folder is named with its count; the manifest's
