@@ -5,7 +5,7 @@ Outside tests read these columns: extend, never rename. Bump SCHEMA_VERSION when
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: cam_empty, cam_small(_shape), label_index, correct, cam_spread, explanations; plan URIs large_string
 
 # 14x14: VGG16's target layer at 224 px is 14x14 (stored without loss) and the lecture's convnet at
 # 150 px is 7x7 (stored exactly, upsampled 2x); 196 float16 values = 392 bytes per row.

@@ -74,7 +74,7 @@ def test_cli_job_writes_complete_manifest(finished_job):
     table = dataset.to_table()
     assert len(dataset.files) == 4  # one file per shard, temp files invisible
     meta = dataset.schema.metadata or {}
-    assert meta.get(b"bulk_explain.schema_version") == b"1"
+    assert meta.get(b"bulk_explain.schema_version") == b"2"
     rows = {r["source_uri"]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(files) and table.num_rows == len(files)  # every input exactly once
     for path, size in files.items():
