@@ -162,7 +162,6 @@ def synthetic_manifest(out, rows, rows_per_file=10_000, seed=0, empty_share=0.05
         shape_offsets = np.concatenate([[0], np.where(ok, 2, 0).cumsum()]).astype(np.int32)
         shapes = pa.ListArray.from_arrays(pa.array(shape_offsets), pa.array(np.full(2 * int(ok.sum()), side, np.int32)),
                                           mask=pa.array(~ok))
-        null_f = pa.nulls(n, pa.float32())
 
         def masked(values, typ, mask):
             return pa.array(values, typ, mask=mask)
@@ -193,7 +192,6 @@ def synthetic_manifest(out, rows, rows_per_file=10_000, seed=0, empty_share=0.05
             "cam_small": cam_small,
             "cam_small_shape": shapes,
         })
-        del null_f
         pq.write_table(table.cast(IMAGE_MANIFEST_SCHEMA), os.path.join(out, "manifest", f"shard-{shard:05d}.parquet"))
         if planted is None:
             planted = {"empty": set(uris[empty]), "corner": set(uris[corner]), "swapped": set(uris[swapped]),

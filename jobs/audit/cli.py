@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.audit.config import (BORDER, CLUSTER_SAMPLE_PER_CLASS, LABEL_FILTER, LABEL_FILTERS, LOW_CONFIDENCE_BELOW,
-                               MAX_CLUSTERS, THUMBNAILS_PER_CHECK, AuditConfig)
+                               MAX_CLUSTER_CLASSES, MAX_CLUSTERS, THUMBNAILS_PER_CHECK, AuditConfig)
 
 
 def add_arguments(p) -> None:
@@ -18,6 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cluster-sample", type=int, default=CLUSTER_SAMPLE_PER_CLASS,
                    help=f"most images per class that spectral clustering sees (default {CLUSTER_SAMPLE_PER_CLASS})")
     p.add_argument("--max-clusters", type=int, default=MAX_CLUSTERS, help=f"largest k (default {MAX_CLUSTERS})")
+    p.add_argument("--cluster-classes", type=int, default=MAX_CLUSTER_CLASSES,
+                   help=f"cluster the N most frequent predicted classes (default {MAX_CLUSTER_CLASSES})")
     p.add_argument("--thumbnails", type=int, default=THUMBNAILS_PER_CHECK,
                    help=f"worst-ranked images shown per check (default {THUMBNAILS_PER_CHECK})")
     p.add_argument("--label-filter", default=LABEL_FILTER, choices=LABEL_FILTERS,
@@ -42,6 +44,7 @@ def config_from_args(args, output=None) -> AuditConfig:
         border=getattr(args, "border", BORDER),
         cluster_sample_per_class=getattr(args, "cluster_sample", CLUSTER_SAMPLE_PER_CLASS),
         max_clusters=getattr(args, "max_clusters", MAX_CLUSTERS),
+        max_cluster_classes=getattr(args, "cluster_classes", MAX_CLUSTER_CLASSES),
         thumbnails_per_check=getattr(args, "thumbnails", THUMBNAILS_PER_CHECK),
         label_filter=getattr(args, "label_filter", LABEL_FILTER),
         s3_endpoint_url=getattr(args, "s3_endpoint_url", None),

@@ -16,6 +16,9 @@ BORDER = 0.10  # a CAM peak within 10 % of an edge lies "in the border"
 CLUSTER_SAMPLE_PER_CLASS = 1000  # spectral clustering is O(n^2) memory, O(n^3) time in the sample
 MAX_CLUSTERS = 8  # the eigengap is searched among k = 2..MAX_CLUSTERS (k = 1 when no gap stands out)
 MIN_CLUSTER_IMAGES = 20  # classes with fewer non-empty maps are not clustered
+# The most frequent predicted classes that are clustered (each costs ~1 s and a report section;
+# an ImageNet model predicts hundreds of classes).
+MAX_CLUSTER_CLASSES = 20
 THUMBNAILS_PER_CHECK = 12  # worst-ranked images shown per check (and per cluster: 8)
 THUMBNAIL_SIDE = 128  # px, longest side of a report thumbnail
 # cleanlab find_label_issues(filter_by=...): why the default is not cleanlab's, see checks/labels.py
@@ -73,6 +76,7 @@ class AuditConfig:
         cluster_sample_per_class: most images per predicted class that spectral clustering sees;
             the rest are assigned to the nearest cluster centre.
         max_clusters: largest k the eigengap may choose.
+        max_cluster_classes: how many predicted classes (the most frequent) are clustered.
         thumbnails_per_check: worst-ranked images with a thumbnail in the report per check.
         thumbnail_side: thumbnail size in px (longest side).
         label_filter: cleanlab's `filter_by` for label issues (see jobs/audit/checks/labels.py).
@@ -87,6 +91,7 @@ class AuditConfig:
     border: float = BORDER
     cluster_sample_per_class: int = CLUSTER_SAMPLE_PER_CLASS
     max_clusters: int = MAX_CLUSTERS
+    max_cluster_classes: int = MAX_CLUSTER_CLASSES
     thumbnails_per_check: int = THUMBNAILS_PER_CHECK
     thumbnail_side: int = THUMBNAIL_SIDE
     label_filter: str = LABEL_FILTER
@@ -116,6 +121,7 @@ class AuditConfig:
             raise ConfigError(f"border must be within (0, 0.5), received {self.border}")
         for name, value, low in (("cluster sample per class", self.cluster_sample_per_class, MIN_CLUSTER_IMAGES),
                                  ("max clusters", self.max_clusters, 1),
+                                 ("max cluster classes", self.max_cluster_classes, 1),
                                  ("thumbnails per check", self.thumbnails_per_check, 0),
                                  ("thumbnail side", self.thumbnail_side, 16)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

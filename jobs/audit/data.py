@@ -8,14 +8,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import ConfigError
-from workers.storage import storage_for
+from workers.storage import StorageError, storage_for
 
 BATCH_ROWS = 65_536
 # The central region for "CAM mass outside the centre": the middle half of each side (a quarter of
@@ -148,7 +148,11 @@ class ManifestReader:
         self.output = output.rstrip("/") if "://" in output else output
         self.storage = storage_for(output)
         manifest = self.storage.join(self.output, "manifest")
-        if not any(True for _ in self.storage.list_names(manifest)):
+        try:
+            found = any(True for _ in self.storage.list_names(manifest))
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
+        if not found:
             raise ConfigError(f"no manifest under {output}: run `bulk-explain run --output {output}` first")
         fs, path = self.storage.filesystem(manifest)
         self.dataset = ds.dataset(path, filesystem=fs, format="parquet")

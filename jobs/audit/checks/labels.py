@@ -32,7 +32,7 @@ def label_space_probabilities(data, classes: np.ndarray) -> np.ndarray:
     the columns of classes that occur as labels are kept and each row is renormalized over them,
     since confident learning compares a label only with the other labels.
     """
-    n, c = len(data.topk_index), max(data.num_classes, 1)
+    c = max(data.num_classes, 1)
     idx, score = data.topk_index, np.nan_to_num(data.topk_score, nan=0.0)
     in_topk = (idx >= 0)
     rest = np.clip(1.0 - (score * in_topk).sum(axis=1), 0.0, 1.0)

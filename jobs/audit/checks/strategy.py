@@ -2,7 +2,9 @@
 
 Per predicted class, the small CAMs (L2-normalized, so clusters group where the model looks, not
 how strongly) are clustered by spectral clustering on a symmetric k-nearest-neighbour graph; the
-number of clusters is the eigengap of that graph's normalized Laplacian. At most
+number of clusters is the eigengap of that graph's normalized Laplacian. Only the
+`max_cluster_classes` most frequent predicted classes with at least MIN_CLUSTER_IMAGES non-empty maps
+are clustered. At most
 `cluster_sample_per_class` images per class are clustered (the ones with the smallest row keys, so
 the same images are chosen in every audit); all other images of the class are assigned to the
 nearest cluster centre in one streaming pass. Empty maps are excluded (see empty_maps).
@@ -84,10 +86,11 @@ class StrategyClusters(Check):
             return Finding(None, "skipped: the manifest has no small CAMs (cam_small; re-run with --overwrite)")
         eligible = data.ok & ~data.cam_empty & (data.pred >= 0)
         classes, samples = [], []
-        for c in np.unique(data.pred[eligible]):
+        counts = np.bincount(data.pred[eligible], minlength=max(data.num_classes, 1))
+        frequent = [c for c in np.argsort(-counts, kind="stable") if counts[c] >= MIN_CLUSTER_IMAGES]
+        skipped = len(frequent) - cfg.max_cluster_classes
+        for c in sorted(frequent[: cfg.max_cluster_classes]):
             rows = np.flatnonzero(eligible & (data.pred == c))
-            if len(rows) < MIN_CLUSTER_IMAGES:
-                continue
             if len(rows) > cfg.cluster_sample_per_class:
                 rows = np.sort(rows[np.argsort(data.keys[rows], kind="stable")[: cfg.cluster_sample_per_class]])
             classes.append(int(c))
@@ -158,7 +161,8 @@ class StrategyClusters(Check):
             per_class.setdefault(i["class"], []).append(i["size"])
         text = (f"{int(clustered.sum())} images in {len(info)} clusters over {len(classes)} classes "
                 f"({', '.join(f'{name}: {len(s)}' for name, s in per_class.items())}); "
-                f"{int(in_border_clusters.sum())} ({value:.1%}) are in clusters whose mean map peaks in the border")
+                f"{int(in_border_clusters.sum())} ({value:.1%}) are in clusters whose mean map peaks in the border"
+                + (f"; {skipped} less frequent classes not clustered" if skipped > 0 else ""))
         return Finding(
             value, text, rows=flagged[order], scores=distance[flagged][order], score_name="distance to centre",
             data={"clusters": [{k: v for k, v in i.items() if not k.startswith("_")} for i in info],
