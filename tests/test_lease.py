@@ -257,8 +257,10 @@ def test_bad_lease_duration_is_a_one_line_config_error(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- through the CLI
 
 def _start(args, **env):
+    # Ray's token auth as the suite sets it up (conftest.py), not the other CLI tests' "disabled".
+    base = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"}
     return subprocess.Popen([sys.executable, "-m", "jobs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, **ENV, **env), start_new_session=True)
+                            text=True, env=dict(os.environ, **base, **env), start_new_session=True)
 
 
 def _finish(proc, timeout=300):
