@@ -356,3 +356,20 @@ def test_holder_killed_mid_run_then_break_lease_or_wait_for_expiry(tmp_path):
     assert "took over the lease" in err and "no heartbeat" in err
     assert_exactly_once(out, inputs)
     assert not os.path.exists(os.path.join(out, LEASE_NAME))
+
+
+def test_explain_and_filters_jobs_take_the_lease_before_any_work(tmp_path):
+    from jobs import ExplainConfig, ModelSpec, run_explain
+    from jobs.filters_job import FiltersConfig, run_filters
+
+    make_inputs(str(tmp_path / "in"), 2)
+    out = str(tmp_path / "out")
+    with lease(out, LocalStorage()) as held:
+        with pytest.raises(OutputBusy, match=held.holder_id[:12]):
+            run_explain(ExplainConfig(inputs=(str(tmp_path / "in"),), output=out,
+                                      model=ModelSpec(kind="cats_dogs", weights="random", input_size=64)),
+                        progress=False)
+        with pytest.raises(OutputBusy, match=held.holder_id[:12]):
+            run_filters(FiltersConfig(output=out, model=ModelSpec(kind="vgg16", weights="random"),
+                                      layers=("block1_conv1",), size=48, steps=1, progress=False))
+        assert sorted(os.listdir(out)) == [LEASE_NAME]  # refused before planning: nothing written
