@@ -324,6 +324,7 @@ def test_two_drivers_started_together_one_runs_the_other_exits_4(where, tmp_path
         assert not storage_for(out).exists(out + "/" + LEASE_NAME)
 
 
+@pytest.mark.slow
 def test_holder_killed_mid_run_then_break_lease_or_wait_for_expiry(tmp_path):
     inputs = make_inputs(str(tmp_path / "in"), 8)
     out = str(tmp_path / "out")
