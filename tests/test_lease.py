@@ -30,7 +30,7 @@ from workers.storage import LocalStorage
 
 pytest_plugins = ["s3_server"]
 
-MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "32",
+MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64",
          "--shard-size", "2", "--batch-size", "2", "--quiet"]
 
 
@@ -252,3 +252,125 @@ def test_bad_lease_duration_is_a_one_line_config_error(monkeypatch, tmp_path):
                          str(tmp_path / "o"), *MODEL], env=dict(os.environ, **ENV, BULK_EXPLAIN_LEASE_SECONDS="soon"),
                         capture_output=True, text=True, timeout=120)
     assert rc.returncode == 2 and rc.stderr.count("\n") == 1 and "BULK_EXPLAIN_LEASE_SECONDS" in rc.stderr
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+def _start(args, **env):
+    # Ray's token auth as the suite sets it up (conftest.py), not the other CLI tests' "disabled".
+    base = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"}
+    return subprocess.Popen([sys.executable, "-m", "jobs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, **base, **env), start_new_session=True)
+
+
+def _finish(proc, timeout=300):
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc)
+    return proc.returncode, err
+
+
+def _s3_rows(uri):
+    from workers.storage import storage_for
+
+    fs, path = storage_for(uri).filesystem(uri)
+    return ds.dataset(path, filesystem=fs, format="parquet").to_table().column("source_uri").to_pylist()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_drivers_started_together_one_runs_the_other_exits_4(where, tmp_path, request):
+    inputs = make_inputs(str(tmp_path / "in"), 6)
+    if where == "local":
+        out = str(tmp_path / "out")
+    else:
+        request.getfixturevalue("s3_endpoint")
+        out = f"s3://{request.getfixturevalue('s3_bucket')}/nightly/out"
+    flag = str(tmp_path / "flag")
+    args = ["run", "--input", str(tmp_path / "in"), "--output", out, *MODEL]
+    # Whichever driver gets the lease stops after planning until the flag is deleted, so the other
+    # one meets a live lease however the two are scheduled; the point fires only once (the flag).
+    hold = dict(BULK_EXPLAIN_TEST_CRASH_AT="planned", BULK_EXPLAIN_TEST_CRASH_ACTION="wait",
+                BULK_EXPLAIN_TEST_CRASH_FLAG=flag)
+    procs = [_start(args, **hold), _start(args, **hold)]
+    try:
+        loser = None
+        deadline = time.monotonic() + 240
+        while loser is None:
+            loser = next((p for p in procs if p.poll() is not None), None)
+            assert time.monotonic() < deadline, "neither driver stopped"
+            time.sleep(0.1)
+        winner = procs[1 - procs.index(loser)]
+        rc, err = _finish(loser)
+        assert rc == 4, err[-3000:]
+        line = err.strip()
+        assert "\n" not in line and line.startswith("bulk-explain: error: output is busy:")
+        assert f"pid {winner.pid}" in line and out in line
+        wait_flag(flag, winner)  # the winner is the one that reached the point
+        os.remove(flag)
+        rc, err = _finish(winner)
+        assert rc == 0, err[-3000:]
+    finally:
+        for p in procs:
+            kill_session(p)
+    if where == "local":
+        assert_exactly_once(out, inputs)
+        assert not os.path.exists(os.path.join(out, LEASE_NAME))
+    else:
+        rows = _s3_rows(out + "/manifest")
+        assert sorted(rows) == sorted(inputs) and len(rows) == len(set(rows))
+        from workers.storage import storage_for
+
+        assert not storage_for(out).exists(out + "/" + LEASE_NAME)
+
+
+@pytest.mark.slow
+def test_holder_killed_mid_run_then_break_lease_or_wait_for_expiry(tmp_path):
+    inputs = make_inputs(str(tmp_path / "in"), 8)
+    out = str(tmp_path / "out")
+    args = ["run", "--input", str(tmp_path / "in"), "--output", out, *MODEL]
+    pause = dict(BULK_EXPLAIN_TEST_CRASH_AT="before_stage:1", BULK_EXPLAIN_TEST_CRASH_ACTION="pause")
+
+    # A holder with a long lease is SIGKILLed (with its workers) in the middle of shard 1.
+    proc = _start(args, BULK_EXPLAIN_LEASE_SECONDS="600", BULK_EXPLAIN_TEST_CRASH_FLAG=str(tmp_path / "a"), **pause)
+    wait_flag(str(tmp_path / "a"), proc)
+    kill_session(proc)
+    assert json.load(open(os.path.join(out, LEASE_NAME)))["pid"] == proc.pid
+    # Its lease outlives it: a plain re-run is refused ...
+    rc, err = _finish(_start(args))
+    assert rc == 4 and f"pid {proc.pid}" in err, err[-3000:]
+    # ... and --break-lease takes it over at once and finishes the output.
+    rc, err = _finish(_start([*args, "--break-lease"]))
+    assert rc == 0, err[-3000:]
+    assert "took over the lease" in err and "--break-lease" in err
+    assert_exactly_once(out, inputs)
+
+    # More inputs; a holder with a 3 s lease is killed mid-run; the next run waits for the expiry
+    # (on the store's clock), takes over and finishes with every input exactly once.
+    inputs += make_inputs(str(tmp_path / "in" / "more"), 4, seed=7)
+    proc = _start(args, BULK_EXPLAIN_LEASE_SECONDS="3", BULK_EXPLAIN_TEST_CRASH_FLAG=str(tmp_path / "b"),
+                  BULK_EXPLAIN_TEST_CRASH_AT="before_stage", BULK_EXPLAIN_TEST_CRASH_ACTION="pause")
+    wait_flag(str(tmp_path / "b"), proc)
+    kill_session(proc)
+    rc, err = _finish(_start([*args, "--wait-for-lease", "120"]))
+    assert rc == 0, err[-3000:]
+    assert "took over the lease" in err and "no heartbeat" in err
+    assert_exactly_once(out, inputs)
+    assert not os.path.exists(os.path.join(out, LEASE_NAME))
+
+
+def test_explain_and_filters_jobs_take_the_lease_before_any_work(tmp_path):
+    from jobs import ExplainConfig, ModelSpec, run_explain
+    from jobs.filters_job import FiltersConfig, run_filters
+
+    make_inputs(str(tmp_path / "in"), 2)
+    out = str(tmp_path / "out")
+    with lease(out, LocalStorage()) as held:
+        with pytest.raises(OutputBusy, match=held.holder_id[:12]):
+            run_explain(ExplainConfig(inputs=(str(tmp_path / "in"),), output=out,
+                                      model=ModelSpec(kind="cats_dogs", weights="random", input_size=64)),
+                        progress=False)
+        with pytest.raises(OutputBusy, match=held.holder_id[:12]):
+            run_filters(FiltersConfig(output=out, model=ModelSpec(kind="vgg16", weights="random"),
+                                      layers=("block1_conv1",), size=48, steps=1, progress=False))
+        assert sorted(os.listdir(out)) == [LEASE_NAME]  # refused before planning: nothing written
