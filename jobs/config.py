@@ -10,8 +10,8 @@ import os
 from typing import Optional, Tuple, Union
 
 from workers.models import WEIGHTS_FROM_MODEL_FILE, ModelSpec, model_kinds
-from workers.cam_methods import CAM_METHODS, parse_methods
-from workers.faithfulness import DEFAULT_STEPS, METRICS, parse_metrics
+from workers.cam_methods import parse_methods
+from workers.faithfulness import DEFAULT_STEPS, parse_metrics
 from workers.preprocessing import INTERPOLATIONS, SCALINGS
 from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
 

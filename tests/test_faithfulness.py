@@ -179,6 +179,16 @@ def test_deletion_insertion_equal_per_image_reference(shapes_model):
             np.testing.assert_allclose(out[f"{mode}_auc"][i, 0], auc, atol=1e-4)
             moved += np.ptp(curve) > 0.5
     assert moved >= 3  # the curves actually move on this model (a flat curve would prove nothing)
+    # the baseline itself, borders included (saturated probabilities above would hide a border
+    # difference): RISE's blur with mirrored borders
+    import tensorflow as tf
+
+    from workers.faithfulness import gaussian_blur
+
+    got = np.asarray(gaussian_blur(tf.constant(images, tf.float32)))
+    for i in range(len(images)):
+        ref = cv2.GaussianBlur(images[i].astype(np.float32), (11, 11), 5, borderType=cv2.BORDER_REFLECT_101)
+        np.testing.assert_allclose(got[i], ref, atol=1e-3)
 
 
 def test_road_imputation_equals_direct_solve():
