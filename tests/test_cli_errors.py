@@ -33,7 +33,7 @@ def _cases(folder, tmp):
          "inside input"),
         (["run", "--input", str(tmp / "nope"), "--output", str(tmp / "o"), "--model", "vgg16"], "input folder not found"),
         (["run", *good, "--model", "vgg16", "--weights", "random", "--batch-size", "0"], "batch size"),
-        (["run", *good, "--model", "vgg16", "--weights", "random", "--batch-size", "many"], "invalid int"),
+        (["run", *good, "--model", "vgg16", "--weights", "random", "--batch-size", "many"], "expected an integer or auto"),
         (["run", *good, "--model", "vgg16", "--weights", "/no/such/weights.h5"], "--weights"),
         (["run", *good, "--model", "vgg16", "--weights", "random", "--cam-class", "dogs"], "--cam-class"),
         (["run", *good, "--model", "vgg16", "--weights", "random", "--interpolation", "fancy"], "interpolation"),

@@ -8,10 +8,10 @@ from workers.backends import Backend, register_backend
 from workers.tf_runtime import import_tensorflow_quietly
 
 # XLA (`jit_compile=True`) for the explain step and the filter ascent. Measured on the project's
-# 2-core CPU (bench/throughput.py ceiling, random VGG16 224 px batch 16 and the cats/dogs net at
-# 150 px batch 32; README "Performance"): XLA was not faster than TF's own graph executor with
-# oneDNN on CPU, so it stays off by default there and on for GPUs, where XLA fuses the elementwise
-# work of the CAM and statistics into the convolutions' kernels.
+# 2-core CPU (bench/throughput.py --compare-xla, the cats/dogs net at 150 px, batch 32, one run on a
+# shared machine; README "Performance"): 16.9 img/s without XLA, 8.5 img/s with it. So XLA stays off
+# on CPUs (TF's own executor with oneDNN kernels wins there) and is on for GPUs, where it fuses the
+# CAM's and the statistics' elementwise work into few kernels (not measured here: no GPU was lent).
 JIT_COMPILE_CPU = False
 JIT_COMPILE_GPU = True
 
