@@ -298,17 +298,19 @@ def _run_explain(config: ExplainConfig, progress: bool, take_lease=lambda output
     t0 = time.perf_counter()
     quiet_console()
     config = config.validated()
-    take_lease(config.output)  # DST/_lease.json (workers/lease.py): one run per output until we return
     try:
         # The driver loads the model too: Keras must run the job's backend here before it is imported.
         select_backend(config.backend)
     except BackendError as exc:
         raise ConfigError(str(exc)) from None
+    # Credentials, endpoint and write access first (exit 5, one line naming the fix): the lease
+    # is the first write to DST and would otherwise fail with a raw storage error.
+    _check_access(config)
+    take_lease(config.output)  # DST/_lease.json (workers/lease.py): one run per output until we return
     layout = OutputLayout(config.output)
     storage = layout.storage
     fingerprint = config.result_fingerprint()
     log = Progress(total_shards=0, skipped=0, enabled=progress, images_todo=0)
-    _check_access(config)
 
     previous = _read_json(storage, layout.job_json)
     if previous and not config.overwrite and previous.get("result_fingerprint") != fingerprint:
