@@ -98,13 +98,15 @@ def as_job_interrupt(exc: BaseException) -> BaseException:
 def ray_startup():
     """Defers SIGINT and SIGTERM while Ray starts or connects, then honours them.
 
-    Why: ray.init starts GCS, raylet and agents and replaces the SIGTERM handler with one that calls
-    sys.exit(15). A signal in that window used to exit 15, crash the driver (SIGSEGV) or leave
-    DashboardAgent/RuntimeEnvAgent running. Here both signals are only recorded until the block
-    ends; Ray cannot install handlers for them meanwhile (the calls are swallowed, as Ray's own
-    `DeferSigint` does for SIGINT). On exit our handlers are back and a recorded signal is raised
-    (KeyboardInterrupt / JobInterrupted) after start-up finished, so the caller's cleanup stops the
-    Ray it just started. Outside the main thread it does nothing (Python runs handlers only there).
+    Why: ray.init starts GCS, raylet and agents, replaces the SIGTERM handler with one that calls
+    sys.exit(15), and the driver's CoreWorker installs Abseil's failure-signal handler, which takes
+    SIGTERM at the C level and aborts. A signal in that window used to exit 15, abort the driver or
+    leave DashboardAgent/RuntimeEnvAgent running. Here both signals are only recorded until the
+    block ends; Ray cannot install handlers for them meanwhile (the calls are swallowed, as Ray's
+    own `DeferSigint` does for SIGINT). On exit our handlers are back and a recorded signal is
+    raised (KeyboardInterrupt / JobInterrupted) after start-up finished, so the caller's cleanup
+    stops the Ray it just started. Outside the main thread it does nothing (Python runs handlers
+    only there).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -127,8 +129,10 @@ def ray_startup():
     # the driver owns its SIGTERM, so its CoreWorker gets none (workers keep theirs).
     from ray._private import ray_constants
 
-    no_failure_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    switch = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"  # read when the driver's CoreWorker is created
+    no_failure_handler = getattr(ray_constants, switch, None)
+    if no_failure_handler is not None:
+        setattr(ray_constants, switch, True)
     for s in deferred:
         if previous[s] is not signal.SIG_IGN:
             original_signal(s, record)
@@ -137,7 +141,8 @@ def ray_startup():
         yield
     finally:
         signal.signal = original_signal
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = no_failure_handler
+        if no_failure_handler is not None:
+            setattr(ray_constants, switch, no_failure_handler)
         for s in deferred:
             if previous[s] is not signal.SIG_IGN:
                 original_signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)

@@ -18,6 +18,7 @@ def _make_worker_class():
             import threading
 
             self.innocent_running = threading.Event()
+            self.killer_running = threading.Event()
             self.never = threading.Event()
 
         def ping(self):
@@ -30,11 +31,11 @@ def _make_worker_class():
 
             if unit != 1:
                 self.innocent_running.set()
-                self.never.wait(timeout=5)  # still in flight when unit 1 kills the process
+                if self.killer_running.wait(timeout=8):  # alone (re-run), it returns after 8 s
+                    self.never.wait(timeout=60)  # next to the killer: in flight until the process dies
                 return f"done {unit} in {os.getpid()}"
-            # Kill the process only once the innocent unit is surely in flight next to this one
-            # (alone, after a few seconds).
-            self.innocent_running.wait(timeout=5)
+            self.killer_running.set()
+            self.innocent_running.wait(timeout=8)  # kill only once the innocent unit is in flight
             fault_point("before_stage", unit)
             return "unit 1 survived"
 
