@@ -3,7 +3,6 @@ the same job; only the shards holding them are redone, rows are replaced (never 
 images are reported, and an insertion in the middle of the sorted order does not shift later shards."""
 
 import os
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -53,10 +52,8 @@ def test_add_change_touch_delete_between_runs(ray_local, tmp_path, capsys):
     rows1 = _manifest(out)
     assert sorted(rows1) == paths
 
-    # 1. nothing changed: nothing is redone, in seconds, and the run says so
-    t0 = time.monotonic()
+    # 1. nothing changed: nothing is redone (no image decoded, no shard run), and the run says so
     again = run_explain(_config(root, out), progress=True)
-    assert time.monotonic() - t0 < 60
     assert (again.processed_shards, again.skipped_shards, again.images_processed) == (0, 4, 0)
     assert "4 shards already committed" in capsys.readouterr().err
     assert _manifest(out) == rows1

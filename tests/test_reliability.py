@@ -18,7 +18,6 @@ import pytest
 
 from conftest import REPO, photo_like, write_image
 
-from jobs.plan import ShardTask
 
 MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64"]
 ENV = dict(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="0")
@@ -69,6 +68,29 @@ def kill_session(proc):
         time.sleep(0.2)
 
 
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
+def assert_session_ends(proc, timeout=90):
+    """After the driver exited on its own (Ctrl-C, SIGTERM): nothing it started may outlive it, no
+    Ray worker, raylet or GCS (they run in the driver's session: start_new_session=True). A bounded
+    wait lets processes that were already told to stop finish exiting; whatever is still there is
+    killed (so the next step starts clean) and reported as a failure."""
+    assert proc.returncode is not None
+    deadline = time.monotonic() + timeout
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {pid: _cmdline(pid) for pid in _session_pids(proc.pid)}
+    if left:
+        kill_session(proc)
+    assert not left, f"still running after the driver exited: {left}"
+
+
 def start(args, fault=None, flag=None, action="pause"):
     env = dict(os.environ, **ENV)
     if fault:
@@ -100,6 +122,18 @@ def finish(proc, timeout=300):
 
 # ----------------------------------------------------------------------------- invariants
 
+def content_hash(uris, versions):
+    """The commit marker's content hash, as documented (ARCHITECTURE.md, Output protocol) and
+    recomputed here rather than with the code that wrote it: sha256 over "uri NUL version LF" per
+    row in order, first 32 hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for uri, version in zip(uris, versions):
+        h.update(uri.encode("utf-8", "surrogateescape") + b"\0" + version.encode() + b"\n")
+    return h.hexdigest()[:32]
+
+
 def visible_state(out):
     """Checks what a reader sees now; returns {source_uri: shard} of the visible rows."""
     manifest = os.path.join(out, "manifest")
@@ -113,9 +147,10 @@ def visible_state(out):
         table = pq.read_table(path)
         # a visible part belongs to a commit marker, and holds exactly the inputs that marker hashed
         marker = json.load(open(os.path.join(out, "_commits", f"shard-{shard:05d}.json")))
-        rows = ShardTask(shard, table.column("source_uri").to_pylist(), [], [], table.column("source_version").to_pylist())
-        assert rows.content_hash == marker["content_hash"] and len(rows) == marker["rows"]
-        for uri in rows.uris:
+        uris = table.column("source_uri").to_pylist()
+        assert content_hash(uris, table.column("source_version").to_pylist()) == marker["content_hash"]
+        assert len(uris) == marker["rows"]
+        for uri in uris:
             assert uri not in seen, f"{uri} visible twice"
             seen[uri] = shard
     return seen
@@ -164,6 +199,7 @@ def test_driver_killed_at_every_step_then_resumed(tmp_path):
     assert c_shard not in seen.values()
     assert os.path.exists(os.path.join(out, "_commits", f"shard-{c_shard:05d}.json"))
     committed_before_d = len(seen) // 2
+    before_d = seen
 
     # D. Ctrl-C while a shard is in flight: exit 130, committed work kept; this run first
     #    published shard C from _staging/ ("roll forward")
@@ -176,17 +212,20 @@ def test_driver_killed_at_every_step_then_resumed(tmp_path):
     assert "published 1 shards committed by an interrupted run" in err
     seen = visible_state(out)
     assert c_shard in seen.values() and len(seen) // 2 >= committed_before_d + 1
-    kill_session(proc)  # nothing should be left; make sure before the next run
+    assert before_d.items() <= seen.items()  # every row committed before is still there, same shard
+    assert_session_ends(proc)  # workers and Ray stopped with the driver
 
     # E. SIGTERM (what `ray job stop`, Kubernetes and systemd send): exit 143, work kept
+    before_e = visible_state(out)
     proc = start(args, "before_stage", str(flags / "e"))
     wait_flag(str(flags / "e"), proc)
     os.kill(proc.pid, signal.SIGTERM)
     rc, err = finish(proc, timeout=120)
     assert rc == 143, err[-3000:]
     assert "interrupted (SIGTERM)" in err
-    visible_state(out)
-    kill_session(proc)
+    seen = visible_state(out)
+    assert before_e and before_e.items() <= seen.items()  # committed rows survived the interruption
+    assert_session_ends(proc)
 
     # F. a worker process SIGKILLed mid-shard: the actor is replaced, the shard retried, the job
     #    completes with every input exactly once
@@ -207,23 +246,26 @@ def test_driver_killed_at_every_step_then_resumed(tmp_path):
     assert_exactly_once(out, inputs)
 
 
-def test_shard_that_keeps_killing_its_worker_fails_after_bounded_retries(ray_local, tmp_path, monkeypatch):
+def test_shard_that_keeps_killing_its_worker_fails_after_bounded_retries(ray_local, tmp_path, monkeypatch, capsys):
     from jobs import ExplainConfig, ModelSpec, run_explain
 
     inputs = make_inputs(str(tmp_path / "in"), 8, seed=1)
     out = str(tmp_path / "out")
 
-    def config():
+    def config():  # the default retry policy (README: retried twice, then reported failed)
         return ExplainConfig(inputs=(str(tmp_path / "in"),), output=out, batch_size=2, shard_size=2,
-                             max_shard_retries=1, model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
+                             model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
 
     assert run_explain(config(), progress=False).exit_code == 0
     old_ids = {u: r["image_id"] for u, r in _rows(out).items()}
     # an image of shard 3 changes, and every attempt at shard 3 now kills its worker (os._exit)
     write_image(inputs[7], photo_like(np.random.default_rng(9), 50, 30))
     monkeypatch.setenv("BULK_EXPLAIN_TEST_CRASH_AT", "before_stage:3")
+    capsys.readouterr()
     result = run_explain(config(), progress=False)
     assert result.exit_code == 1 and result.failed_shards == [3] and result.skipped_shards == 3
+    retries = [line for line in capsys.readouterr().err.splitlines() if "retrying" in line]
+    assert len(retries) == 2, retries  # 1 attempt + 2 retries, then given up
     assert "died" in result.failure_reasons[3].lower() or "exit" in result.failure_reasons[3].lower()
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["failed_shards"] == [3] and summary["exit_code"] == 1
@@ -300,4 +342,39 @@ def test_node_leaving_a_two_node_cluster(tmp_path):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert "removed node" in stderr and "retrying shard" in stderr
     assert result["exit_code"] == 0 and result["failed_shards"] == [] and result["ok"] == 16
+    assert_exactly_once(out, inputs)
+
+
+def test_roll_forward_checks_the_staged_part_and_temp_files_are_deleted(ray_local, tmp_path):
+    """A marker whose staged part holds other rows is not published (the shard is redone), a
+    matching one is (roll forward), and temp files of crashed writes are deleted."""
+    import shutil
+
+    from jobs import ExplainConfig, ModelSpec, run_explain
+
+    inputs = make_inputs(str(tmp_path / "in"), 8, seed=3)
+    out = str(tmp_path / "out")
+    config = ExplainConfig(inputs=(str(tmp_path / "in"),), output=out, batch_size=2, shard_size=2,
+                           model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
+    assert run_explain(config, progress=False).exit_code == 0
+    manifest, staging = os.path.join(out, "manifest"), os.path.join(out, "_staging")
+    os.makedirs(staging, exist_ok=True)
+    part = lambda folder, shard: os.path.join(folder, f"shard-{shard:05d}.parquet")  # noqa: E731
+    # shard 0: died between marker and publish -> published from _staging/
+    shutil.move(part(manifest, 0), part(staging, 0))
+    # shard 1: its marker is there, but the staged bytes are shard 2's rows -> must not be published
+    os.remove(part(manifest, 1))
+    shutil.copy(part(manifest, 2), part(staging, 1))
+    temps = [os.path.join(out, folder, f"_tmp-{'ab' * 16}-{name}.tmp")
+             for folder, name in (("manifest", "shard-00001.parquet"), ("_commits", "shard-00001.json"),
+                                  ("_staging", "shard-00003.parquet"))]
+    for path in temps:
+        with open(path, "wb") as f:
+            f.write(b"half a write")
+
+    result = run_explain(config, progress=False)
+    assert result.exit_code == 0
+    assert result.rolled_forward_shards == 1
+    assert (result.processed_shards, result.skipped_shards) == (1, 3)
+    assert [p for p in temps if os.path.exists(p)] == []
     assert_exactly_once(out, inputs)
