@@ -192,6 +192,11 @@ def synthetic_manifest(out, rows, rows_per_file=10_000, seed=0, empty_share=0.05
             "cam_small": cam_small,
             "cam_small_shape": shapes,
         })
+        # Columns the audit does not read (other issues' extensions): null, in the schema's order.
+        for field in IMAGE_MANIFEST_SCHEMA:
+            if field.name not in table.column_names:
+                table = table.append_column(field.name, pa.nulls(n, field.type))
+        table = table.select(IMAGE_MANIFEST_SCHEMA.names)
         pq.write_table(table.cast(IMAGE_MANIFEST_SCHEMA), os.path.join(out, "manifest", f"shard-{shard:05d}.parquet"))
         if planted is None:
             planted = {"empty": set(uris[empty]), "corner": set(uris[corner]), "swapped": set(uris[swapped]),

@@ -64,7 +64,9 @@ def test_empty_cam_gives_null_peak_flag_and_small_map(tmp_path):
     assert marker["empty_maps"] == 1
     table = pq.read_table(os.path.join(tmp_path, "manifest", "shard-00000.parquet"))
     assert table.schema.equals(IMAGE_MANIFEST_SCHEMA, check_metadata=False)
-    assert table.schema.names[-3:] == ["cam_empty", "cam_small", "cam_small_shape"]  # appended at the end
+    names = table.schema.names  # appended after `shard`, never inserted before it
+    assert names.index("shard") < names.index("cam_empty")
+    assert names[names.index("cam_empty"):names.index("cam_empty") + 3] == ["cam_empty", "cam_small", "cam_small_shape"]
     empty, full = table.to_pylist()
     assert empty["status"] == "ok" and empty["cam_empty"] is True
     assert empty["cam_peak_x"] is None and empty["cam_peak_y"] is None
@@ -113,8 +115,9 @@ def _explain(root, out, model):
 
 
 @pytest.fixture(scope="module")
-def audited(ray_local, model_file, tmp_path_factory):
-    """Batch 1 (planted swaps, corrupt files, tag-only cats) -> audit A; batch 2 with the same
+def audited(model_file, tmp_path_factory):
+    """(Each run starts and stops its own embedded Ray: `ray_local` is per test.)
+    Batch 1 (planted swaps, corrupt files, tag-only cats) -> audit A; batch 2 with the same
     distribution -> audit B; batch 3 brighter -> audit C. Each audit's baseline is the previous."""
     from jobs.audit import AuditConfig, run_audit
 

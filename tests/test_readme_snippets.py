@@ -42,7 +42,7 @@ def _skip_reason(block):
 
 
 @pytest.fixture(scope="module")
-def small_output(ray_local, tmp_path_factory):
+def small_output(tmp_path_factory):  # run_explain starts its own embedded Ray (ray_local is per test)
     from jobs import ExplainConfig, ModelSpec, run_explain
 
     root = tmp_path_factory.mktemp("readme")
