@@ -4,6 +4,7 @@ in-process, and end to end (CLI on embedded Ray, random-weight VGG16, two layers
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -142,6 +143,8 @@ def cli_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Later tests re-run into `out` (in random order): keep this run's own summary.
+    shutil.copy(out / "filters" / "summary.json", out.parent / "first_run_summary.json")
     return out, proc
 
 
@@ -171,7 +174,7 @@ def test_cli_end_to_end_manifest_images_and_sheets(cli_run):
     gray = cv2.imread(str(out / "weights" / "block1_conv2_channels.png"), cv2.IMREAD_UNCHANGED)
     assert gray.ndim == 2 and gray.shape == (4 * 24 + 3 * 2, 5 * 24 + 4 * 2)
 
-    summary = json.loads((out / "filters" / "summary.json").read_text())
+    summary = json.loads((out.parent / "first_run_summary.json").read_text())
     assert summary["units"] == 4 and summary["computed_units"] == 4 and summary["skipped_units"] == 0
     for layer in LAYERS:
         s = summary["layers"][layer]
