@@ -205,7 +205,7 @@ def test_unexpected_value_error_is_exit_1_not_bad_configuration(pets, tmp_path):
     out.mkdir()
     (out / "job.json").write_text("{ truncated")  # json raises a ValueError: not the user's config
     proc = cli(_cats_dogs(pets, out))
-    line = one_line(proc, 1, "JSONDecodeError")
+    line = one_line(proc, 1, "is not valid JSON")  # names the file and the fix, exit 1 (not 2)
     assert "--verbose" in line
     verbose = cli(_cats_dogs(pets, out, "--verbose"))
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
