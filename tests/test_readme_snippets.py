@@ -65,7 +65,7 @@ def test_readme_has_the_python_blocks_we_run():
         compile(block, "README.md", "exec")
 
 
-def test_readme_python_blocks_run(small_output, s3_client, monkeypatch):
+def test_readme_python_blocks_run(small_output, s3_endpoint, s3_client, monkeypatch):  # s3_endpoint: AWS_ENDPOINT_URL_S3 as a user sets it
     bucket, prefix = README_S3_PREFIX
     try:
         s3_client.create_bucket(Bucket=bucket)
