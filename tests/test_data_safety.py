@@ -294,7 +294,11 @@ def test_two_overlapping_drivers_end_exactly_once_after_a_plain_rerun(ray_local,
         os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
         added = _images(str(tmp_path / "in" / "zebras"), 2, seed=61)
 
-        b = run_explain(_config(root, out), progress=False)
+        # The output lease (workers/lease.py) would refuse B (exit 4): B breaks it, as an operator
+        # could, so this test proves the commit protocol's own self-check, independent of the lease.
+        from workers.lease import LeaseOptions
+
+        b = run_explain(_config(root, out), progress=False, lease=LeaseOptions(break_lease=True))
         assert b.exit_code == 0 and b.changed_images == 1 and b.added_images == 2
         open(flag + ".go", "w").close()
         _, err = a.communicate(timeout=300)

@@ -172,7 +172,11 @@ def assert_exactly_once(out, inputs):
 def test_driver_killed_at_every_step_then_resumed(tmp_path):
     inputs = make_inputs(str(tmp_path / "in"), 24)
     out = str(tmp_path / "out")
-    args = ["run", "--input", str(tmp_path / "in"), "--output", out, *MODEL, "--shard-size", "2", "--batch-size", "2"]
+    # Each step SIGKILLs the driver, whose output lease then holds DST until it expires
+    # (tests/test_lease.py covers that); the next step re-runs as an operator who knows the
+    # previous run is dead: --break-lease.
+    args = ["run", "--input", str(tmp_path / "in"), "--output", out, *MODEL, "--shard-size", "2", "--batch-size", "2",
+            "--break-lease"]
     flags = tmp_path / "flags"
     flags.mkdir()
 
