@@ -509,8 +509,6 @@ def build_cats_dogs_convnet(size: int = 150):
 
 @register_model("cats_dogs")
 def _build_cats_dogs(spec: ModelSpec) -> LoadedModel:
-    import keras
-
     if spec.model_file:
         model = load_model_file(spec.model_file, safe_mode=not spec.unsafe_model_code)
     elif spec.weights == "random":

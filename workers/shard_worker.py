@@ -17,7 +17,6 @@ from typing import Dict, List
 import numpy as np
 
 from workers.labels import LabelMatcher, resolve_cam_classes  # noqa: F401 (resolve_cam_classes: re-exported)
-from workers.tf_runtime import configure_tensorflow
 # Largest batch tried by `batch_size="auto"` on a GPU (VGG16 at 224 px peaks at 128-256; the
 # lecture's small convnet at 1024).
 MAX_AUTO_BATCH = 1024
