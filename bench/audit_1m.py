@@ -28,7 +28,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 CHILD = r"""
 import sys, time
-from jobs.audit import AuditConfig, run_audit
+from bulk_explain.jobs.audit import AuditConfig, run_audit
 t = time.perf_counter()
 result = run_audit(AuditConfig(output=sys.argv[1], cluster_sample_per_class=int(sys.argv[2])), progress=True)
 seconds = time.perf_counter() - t

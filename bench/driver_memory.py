@@ -32,7 +32,7 @@ ROOT = "bench://bench-bucket/datasets/photos-2026"
 
 
 def _register(n: int) -> None:
-    from workers.storage import FileEntry, Storage, register_storage
+    from bulk_explain.workers.storage import FileEntry, Storage, register_storage
 
     class SyntheticStorage(Storage):
         """N S3-like objects: 1000 class folders, 32-hex ETags; listed in key order per page."""
@@ -48,8 +48,8 @@ def _register(n: int) -> None:
 
 
 def _config(out: str):
-    from jobs.config import ExplainConfig
-    from workers.models import ModelSpec
+    from bulk_explain.jobs.explain.config import ExplainConfig
+    from bulk_explain.workers.models import ModelSpec
 
     return ExplainConfig(inputs=(ROOT,), output=out, model=ModelSpec(kind="vgg16", weights="random")).validated()
 
@@ -60,10 +60,10 @@ def setup(n: int, out: str) -> None:
 
     import pyarrow.parquet as pq
 
-    from jobs.plan import list_inputs, make_plan, plan_shards, write_plan
-    from schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
-    from workers import writer
-    from workers.layout import OutputLayout
+    from bulk_explain.jobs.explain.plan import list_inputs, make_plan, plan_shards, write_plan
+    from bulk_explain.schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
+    from bulk_explain.workers.explain import writer
+    from bulk_explain.workers.layout import OutputLayout
 
     _register(n)
     config = _config(out)
@@ -98,9 +98,9 @@ def measure(n: int, out: str) -> dict:
     """What the driver does before Ray when nothing is to be done; returns RSS numbers (MiB)."""
     import pyarrow  # noqa: F401  (imports counted in the baseline)
 
-    from jobs import driver
-    from jobs.plan import write_plan
-    from workers.layout import OutputLayout
+    from bulk_explain.jobs.explain import driver
+    from bulk_explain.jobs.explain.plan import write_plan
+    from bulk_explain.workers.layout import OutputLayout
 
     _register(n)
     config = _config(out)

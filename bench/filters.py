@@ -89,13 +89,13 @@ def main(argv=None):
                              "the loop, --rounds times (min per filter), and print them")
     args = parser.parse_args(argv)
 
-    from workers.tf_runtime import import_tensorflow_quietly
+    from bulk_explain.workers.tf_runtime import import_tensorflow_quietly
 
     tf = import_tensorflow_quietly()
     tf.get_logger().setLevel("ERROR")  # the lecture loop retraces per filter by design: no warnings
     import keras
 
-    from workers.filter_vis import FilterAscent, start_noise
+    from bulk_explain.workers.filters.filter_vis import FilterAscent, start_noise
 
     keras.utils.set_random_seed(0)
     model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(args.size, args.size, 3))

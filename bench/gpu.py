@@ -85,8 +85,8 @@ def make_inputs(folder, n, unique, size, threads):
 
 def compute_rate(loaded, batch, seconds, precision, min_calls=3):
     """img/s of the compiled explain step on one pre-decoded uint8 batch, repeated."""
-    from workers.explain_step import ExplainStep
-    from workers.models import with_precision
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import with_precision
 
     step = ExplainStep(with_precision(loaded, precision), batch_size=batch)
     h, w = loaded.preprocessing.size
@@ -102,7 +102,7 @@ def compute_rate(loaded, batch, seconds, precision, min_calls=3):
 def host_ceiling(blobs, preprocessing, max_side, threads, seconds):
     """img/s of the host-side work of one image over `threads` threads: decode (reduced when
     `max_side` allows), resize to the model, CAM upsample + JET overlay, JPEG + PNG encode."""
-    from workers import image_io
+    from bulk_explain.workers import image_io
 
     cam = np.random.default_rng(2).random((14, 14)).astype(np.float32)
     cv2.setNumThreads(1)  # as a GPU worker runs it: one OpenCV thread per pool thread
@@ -132,10 +132,10 @@ def host_ceiling(blobs, preprocessing, max_side, threads, seconds):
 def start_worker(input_dir, spec, batch, shard_size, precision):
     """One ExplainWorker as an actor would hold it, and the plan's shards. Returns
     (worker, tasks, config, start-up seconds)."""
-    from jobs.config import ExplainConfig
-    from jobs.driver import worker_settings
-    from jobs.plan import iter_shards, list_inputs, make_plan
-    from workers.shard_worker import ExplainWorker
+    from bulk_explain.jobs.explain.config import ExplainConfig
+    from bulk_explain.jobs.explain.driver import worker_settings
+    from bulk_explain.jobs.explain.plan import iter_shards, list_inputs, make_plan
+    from bulk_explain.workers.explain.shard_worker import ExplainWorker
 
     config = ExplainConfig(inputs=(input_dir,), output=os.path.join(os.path.dirname(input_dir), "out"), model=spec,
                            batch_size=batch, shard_size=shard_size, backend="jax", precision=precision).validated()
@@ -150,7 +150,7 @@ def end_to_end(worker, tasks, config, out_dir, max_side):
     """img/s of ExplainWorker.process_shard over every shard (two in flight, as the actor runs
     them under Ray), wall clock from the first shard to the last commit; worker start-up excluded.
     The same worker serves both output settings (as two jobs would, one compile saved)."""
-    from workers.layout import OutputLayout
+    from bulk_explain.workers.layout import OutputLayout
 
     worker.settings = dict(worker.settings, output=out_dir, overlay_max_side=max_side)
     worker.layout = OutputLayout(out_dir)
@@ -170,14 +170,14 @@ def filters_child(args):
     """All filters of VGG16's conv layers in this process (run as a child: a fresh process shows
     what the persistent compilation cache saves). Prints one JSON line."""
     t_start = time.perf_counter()
-    from workers.backends import get_backend, select_backend
+    from bulk_explain.workers.backends import get_backend, select_backend
 
     select_backend("jax")
     get_backend().configure(None)
     import keras
 
-    from workers.filter_vis import FilterAscent, deprocess_image, encode_png, start_noise
-    from workers.models import seeded_random_weights
+    from bulk_explain.workers.filters.filter_vis import FilterAscent, deprocess_image, encode_png, start_noise
+    from bulk_explain.workers.models import seeded_random_weights
 
     size, steps = args.filter_size, args.filter_steps
     model = seeded_random_weights(keras.applications.VGG16(include_top=False, weights=None,
@@ -253,7 +253,7 @@ def main(argv=None):
         args.filter_size, args.filter_steps, args.filter_batch = 32, 3, 8
         args.layers, args.filters_per_layer = args.layers or 2, args.filters_per_layer or 4
 
-    from workers.backends import get_backend, select_backend
+    from bulk_explain.workers.backends import get_backend, select_backend
 
     select_backend("jax")  # before Keras is imported; TensorFlow is never imported
     backend = get_backend()
@@ -261,8 +261,8 @@ def main(argv=None):
     import jax
     import keras
 
-    from workers.models import ModelSpec, load_model
-    from workers.preprocessing import Preprocessing
+    from bulk_explain.workers.models import ModelSpec, load_model
+    from bulk_explain.workers.preprocessing import Preprocessing
 
     cpus = os.cpu_count() or 1
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", help="keep inputs/outputs in this folder")
     args = p.parse_args(argv)
 
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     work = args.keep or tempfile.mkdtemp(prefix="bulk-explain-memory-")
     src, dst = os.path.join(work, "in"), os.path.join(work, "out")

@@ -54,8 +54,8 @@ def main(argv=None):
     p.add_argument("--scorecam-channels", type=int, default=None, help="default: Score-CAM's (128)")
     args = p.parse_args(argv)
 
-    from workers.explain_step import ExplainStep
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     size = args.input_size or (150 if args.model == "cats_dogs" else 224)
     loaded = load_model(ModelSpec(kind=args.model, weights="random", input_size=size, seed=0))

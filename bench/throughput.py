@@ -121,12 +121,12 @@ def main():
     ap.add_argument("--compare-xla", action="store_true", help="TensorFlow: ceiling with jit_compile off and on")
     args = ap.parse_args()
 
-    from workers.backends import get_backend, select_backend
+    from bulk_explain.workers.backends import get_backend, select_backend
 
     select_backend(args.backend)  # before Keras is imported
-    from jobs import ExplainConfig, ModelSpec, run_explain
-    from workers.explain_step import ExplainStep
-    from workers.models import load_model
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import load_model
 
     get_backend().configure(os.cpu_count())
     if args.backend != "tensorflow":

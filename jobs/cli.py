@@ -47,7 +47,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    from workers.models import model_kinds
+    from bulk_explain.workers.models import model_kinds
 
     p.add_argument("--model", required=True, choices=model_kinds(), help="model kind")
     p.add_argument("--weights", default=None,
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="detect changed images by a SHA-256 of their bytes, not size+mtime "
                           "(reads every input in full on every run)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
-    from jobs.audit import cli as audit_cli
+    from bulk_explain.jobs.audit import cli as audit_cli
 
     run.add_argument("--audit", action="store_true", help="audit the output after a successful run (exit 3 if a --gate fails)")
     audit_cli.add_gate_arguments(run)
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(run)
 
     try:
-        from jobs import filters_job
+        from bulk_explain.jobs.filters import job as filters_job
     except ImportError:
         filters_job = None
     if filters_job is not None:
@@ -184,8 +184,8 @@ def _batch_size(text: str):
 
 
 def explain_config_from_args(args):
-    from jobs.config import ExplainConfig
-    from workers.models import ModelSpec
+    from bulk_explain.jobs.explain.config import ExplainConfig
+    from bulk_explain.workers.models import ModelSpec
 
     spec = ModelSpec(
         kind=args.model,
@@ -235,24 +235,24 @@ def explain_config_from_args(args):
 
 
 def _lease_options(args):
-    from workers.lease import LeaseOptions
+    from bulk_explain.workers.lease import LeaseOptions
 
     if args.wait_for_lease < 0:
-        from jobs.config import ConfigError
+        from bulk_explain.jobs.explain.config import ConfigError
 
         raise ConfigError(f"--wait-for-lease must be >= 0 seconds, received {args.wait_for_lease:g}")
     options = LeaseOptions(wait_seconds=args.wait_for_lease, break_lease=args.break_lease)
     try:
         options.duration()  # a bad BULK_EXPLAIN_LEASE_SECONDS is a one-line exit 2 before any work
     except ValueError as exc:
-        from jobs.config import ConfigError
+        from bulk_explain.jobs.explain.config import ConfigError
 
         raise ConfigError(str(exc)) from None
     return options
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from jobs.runtime import restore_default_signals
+    from bulk_explain.jobs.runtime import restore_default_signals
 
     # Ctrl-C must give exit 130 even when started with SIGINT ignored (`cmd &` in a script).
     restore_default_signals()
@@ -265,27 +265,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(str(exc))
-    from workers.tf_runtime import VERBOSE_ENV, import_tensorflow_quietly, quiet_console
+    from bulk_explain.workers.tf_runtime import VERBOSE_ENV, import_tensorflow_quietly, quiet_console
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     # Before TensorFlow is imported: its C++ log level is read once, when it loads.
     quiet_console(global_warnings=True)
-    from jobs.config import ConfigError
-    from jobs.distribute import WorkerStartError
-    from workers.lease import OutputBusy
-    from workers.environment import EnvironmentProblem
+    from bulk_explain.jobs.explain.config import ConfigError
+    from bulk_explain.jobs.distribute import WorkerStartError
+    from bulk_explain.workers.lease import OutputBusy
+    from bulk_explain.workers.environment import EnvironmentProblem
 
-    from workers.models import ModelError
+    from bulk_explain.workers.models import ModelError
 
     config_errors = (ConfigError, ModelError)  # ours: the command line, the config or the model is wrong
     try:
-        from jobs.filters_job import FiltersConfigError
+        from bulk_explain.jobs.filters.job import FiltersConfigError
 
         config_errors += (FiltersConfigError,)
     except ImportError:
         pass
-    from workers.backends import BackendError
+    from bulk_explain.workers.backends import BackendError
 
     try:
         # Validate first (cheap, no TensorFlow), so a bad command line answers in a second.
@@ -297,14 +297,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "audit":
             return _run_audit(audit_config, args, lease)
         if args.command == "run":
-            from jobs.driver import run_explain
+            from bulk_explain.jobs.explain.driver import run_explain
 
             config = explain_config_from_args(args).validated()
             result = run_explain(config, progress=not args.quiet, lease=lease)  # imports TensorFlow after its fast checks
             if args.audit and result.exit_code == 0:
                 return _run_audit(audit_config, args, lease)
         else:
-            from jobs import filters_job
+            from bulk_explain.jobs.filters import job as filters_job
 
             config = filters_job.config_from_args(args)
             import_tensorflow_quietly()
@@ -332,11 +332,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _audit_config(args):
     """The audit's validated config, or None after a one-line message when the extra is missing."""
-    from jobs import audit
-    from jobs.audit import cli as audit_cli
+    from bulk_explain.jobs import audit
+    from bulk_explain.jobs.audit import cli as audit_cli
 
     if args.command == "run" and args.gate and not args.audit:
-        from jobs.config import ConfigError
+        from bulk_explain.jobs.explain.config import ConfigError
 
         raise ConfigError("--gate applies to the audit: add --audit (or run `bulk-explain audit --gate ...`)")
     try:
@@ -348,8 +348,8 @@ def _audit_config(args):
 
 
 def _run_audit(config, args, lease=None) -> int:
-    from jobs.audit import run_audit
-    from workers.lease import hold_output_lease
+    from bulk_explain.jobs.audit import run_audit
+    from bulk_explain.workers.lease import hold_output_lease
 
     # The audit writes under DST/audits/ and reads the manifest: one writer per output, as for runs.
     with hold_output_lease(config.output, lease, job="audit"):

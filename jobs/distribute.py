@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from workers.faults import fault_point
+from bulk_explain.workers.faults import fault_point
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +27,8 @@ def connect(address: Optional[str]) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        # Workers of the embedded cluster must import jobs/ and workers/ even from an
-        # uninstalled checkout (python -m jobs ...).
+        # Workers of the embedded cluster must import bulk_explain (jobs/, workers/, schemas/) even from an
+        # uninstalled checkout (python -m bulk_explain ...).
         pythonpath = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
         ray.init(
             num_cpus=os.cpu_count(),
@@ -42,7 +42,7 @@ def connect(address: Optional[str]) -> bool:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as exc:
-            from jobs.config import ConfigError
+            from bulk_explain.jobs.explain.config import ConfigError
 
             hint = ""
             if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
@@ -51,7 +51,7 @@ def connect(address: Optional[str]) -> bool:
                         "provide its token (RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN or ~/.ray/auth_token)")
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"could not join the Ray cluster at {address}: {first}{hint}") from None
-    # Ray is up but the caller has not taken its signals back yet (see jobs.runtime.ray_startup).
+    # Ray is up but the caller has not taken its signals back yet (see bulk_explain.jobs.runtime.ray_startup).
     fault_point("ray_started")
     return True
 

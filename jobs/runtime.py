@@ -19,7 +19,7 @@ import signal
 import threading
 from typing import Dict, Optional
 
-from workers.faults import ENV_PREFIX as FAULT_ENV_PREFIX
+from bulk_explain.workers.faults import ENV_PREFIX as FAULT_ENV_PREFIX
 
 EXIT_SIGINT = 128 + signal.SIGINT  # 130
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
@@ -38,7 +38,7 @@ class JobInterrupted(SystemExit):
 
 # One class for the whole project (the CLI maps it to exit 5); defined on the workers/ side, which
 # raises it from the storage seam too.
-from workers.environment import EnvironmentProblem  # noqa: E402
+from bulk_explain.workers.environment import EnvironmentProblem  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- signals
@@ -266,7 +266,7 @@ def s3_storage_configured(explicit: Optional[str]):
     """While a job runs in this process, `storage_for("s3://...")` uses the job's endpoint
     (`s3_endpoint(explicit)`): passed to the backend's constructor, never written to os.environ,
     and the previous setting is back afterwards."""
-    from workers.storage import configure_storage
+    from bulk_explain.workers.storage import configure_storage
 
     previous = configure_storage("s3", endpoint_url=s3_endpoint(explicit))
     try:

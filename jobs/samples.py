@@ -1,7 +1,7 @@
 """Sample photos for a first run: copies scikit-image's bundled photos (no download) into a folder,
 one sub-folder per rough label.
 
-    python -m jobs.samples sample_photos/
+    python -m bulk_explain.jobs.samples sample_photos/
 """
 
 from __future__ import annotations

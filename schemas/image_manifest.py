@@ -74,7 +74,7 @@ IMAGE_MANIFEST_SCHEMA = pa.schema(
         # audits cluster and measure maps without decoding heatmap PNGs; null on error rows.
         ("cam_small", pa.list_(pa.float16())),
         ("cam_small_shape", pa.list_(pa.int32())),  # [rows, cols]
-        ("label_index", pa.int32()),  # class the folder label names (workers/labels.py), or null
+        ("label_index", pa.int32()),  # class the folder label names (workers/explain/labels.py), or null
         ("correct", pa.bool_()),  # pred_index == label_index; null without a matching label or on error
         ("cam_spread", pa.float32()),  # share of the heatmap above half its max (1 = flat); null if all zero
         ("explanations", EXPLANATIONS_TYPE),  # per CAM method; gradcam_*/cam_peak_* = the first

@@ -44,7 +44,7 @@ def train_model(path, seed=0, n=480, epochs=5):
     """Trains the lecture's convnet on clean labels (every 5th cat is tag-only) and saves it."""
     import keras
 
-    from workers.models import build_cats_dogs_convnet
+    from bulk_explain.workers.models import build_cats_dogs_convnet
 
     rng = np.random.default_rng(seed)
     x, y = [], []
@@ -108,7 +108,7 @@ def synthetic_manifest(out, rows, rows_per_file=10_000, seed=0, empty_share=0.05
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
+    from bulk_explain.schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
 
     side = CAM_SMALL_SIZE
     rng = np.random.default_rng(seed)

@@ -16,14 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(backend, out, h5=None):
-    from workers.backends import select_backend
+    from bulk_explain.workers.backends import select_backend
 
     select_backend(backend)
     import numpy as np
 
-    from workers.explain_step import ExplainStep
-    from workers.filter_vis import FilterAscent, start_noise
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.filters.filter_vis import FilterAscent, start_noise
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     results = {}
     rng = np.random.default_rng(0)

@@ -77,7 +77,7 @@ def _isolated(monkeypatch):
     the code under test wrote into os.environ), and no storage backend cached across tests."""
     import shutil
 
-    from workers.storage import reset_storage_cache
+    from bulk_explain.workers.storage import reset_storage_cache
 
     saved = dict(os.environ)
     path = _short_tempdir("rt-")

@@ -75,7 +75,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
 def _forget_cached_s3_storage():
     """The storage seam caches one backend per scheme: drop it so the next one reads the new env."""
     try:
-        from workers.storage import reset_storage_cache
+        from bulk_explain.workers.storage import reset_storage_cache
     except ImportError:
         return
     reset_storage_cache()

@@ -35,11 +35,11 @@ EXPLAIN = dict(batch_size=32, shard_size=64, cam_method="layercam", target_layer
 # ---------------------------------------------------------------------------------------- core fix
 
 def test_empty_cam_gives_null_peak_flag_and_small_map(tmp_path):
-    from schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
-    from workers import image_io
-    from workers.layout import OutputLayout
-    from workers.reader import DecodedImage
-    from workers.writer import ShardWriter
+    from bulk_explain.schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
+    from bulk_explain.workers import image_io
+    from bulk_explain.workers.layout import OutputLayout
+    from bulk_explain.workers.explain.reader import DecodedImage
+    from bulk_explain.workers.explain.writer import ShardWriter
 
     assert image_io.cam_peak(np.zeros((40, 30), np.float32)) == (None, None)
     x, y = image_io.cam_peak(np.pad(np.ones((1, 1), np.float32), ((5, 34), (20, 9))))
@@ -76,7 +76,7 @@ def test_empty_cam_gives_null_peak_flag_and_small_map(tmp_path):
 
 
 def test_empty_maps_are_listed_and_never_clustered(tmp_path):
-    from jobs.audit import AuditConfig, run_audit
+    from bulk_explain.jobs.audit import AuditConfig, run_audit
 
     out = str(tmp_path / "out")
     planted = synthetic_manifest(out, 1200, rows_per_file=1200, seed=3)
@@ -106,7 +106,7 @@ def model_file(tmp_path_factory):
 
 
 def _explain(root, out, model):
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     result = run_explain(ExplainConfig(inputs=(root,), output=out, model=ModelSpec(kind="cats_dogs", model_file=model),
                                        **EXPLAIN), progress=False)
@@ -119,7 +119,7 @@ def audited(model_file, tmp_path_factory):
     """(Each run starts and stops its own embedded Ray: `ray_local` is per test.)
     Batch 1 (planted swaps, corrupt files, tag-only cats) -> audit A; batch 2 with the same
     distribution -> audit B; batch 3 brighter -> audit C. Each audit's baseline is the previous."""
-    from jobs.audit import AuditConfig, run_audit
+    from bulk_explain.jobs.audit import AuditConfig, run_audit
 
     base = tmp_path_factory.mktemp("audit")
     root, out = str(base / "in"), str(base / "out")
@@ -205,7 +205,7 @@ def test_tagged_shortcut_images_form_one_pure_border_cluster(audited):
 
 @pytest.mark.slow
 def test_audit_folder_history_and_report_are_self_contained(audited):
-    from workers.storage import storage_for
+    from bulk_explain.workers.storage import storage_for
 
     audits = audited["audits"]
     out = audited["out"]
@@ -246,7 +246,7 @@ def test_audit_folder_history_and_report_are_self_contained(audited):
 
 
 def _cli(args):
-    from jobs.cli import main
+    from bulk_explain.jobs.cli import main
 
     return main(args)
 
@@ -275,12 +275,12 @@ def test_cli_gates_exit_codes(audited, capsys):
 
 def test_missing_audit_dependency_is_one_line(tmp_path):
     code = ("import sys; sys.modules['cleanlab'] = None\n"
-            "from jobs.cli import main; raise SystemExit(main(['audit', '--output', sys.argv[1]]))")
+            "from bulk_explain.jobs.cli import main; raise SystemExit(main(['audit', '--output', sys.argv[1]]))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
     assert proc.returncode == 5, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "pip install 'bulk-explain[audit]'" in proc.stderr
-    help_text = subprocess.run([sys.executable, "-m", "jobs", "--help"], capture_output=True, text=True,
+    help_text = subprocess.run([sys.executable, "-m", "bulk_explain", "--help"], capture_output=True, text=True,
                                env=dict(os.environ, PYTHONPATH=REPO), timeout=120).stdout
     assert "audit" in help_text  # the command is there even without the extra
 
@@ -406,7 +406,7 @@ def test_run_with_audit_on_s3(s3_endpoint, s3_client, model_file, tmp_path):
     for name in ("BULK_EXPLAIN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         env.pop(name, None)  # the endpoint reaches the job only through the flag
     out = f"s3://{bucket}/out"
-    run = [sys.executable, "-m", "jobs", "run", "--input", f"s3://{bucket}/in", "--output", out, "--model", "cats_dogs",
+    run = [sys.executable, "-m", "bulk_explain", "run", "--input", f"s3://{bucket}/in", "--output", out, "--model", "cats_dogs",
            "--model-file", model_file, "--cam-method", "layercam", "--target-layer", "conv2d_2", "--shard-size", "16",
            "--quiet", "--audit", "--gate", "errors<=0.5", "--s3-endpoint-url", s3_endpoint]
     proc = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
@@ -429,7 +429,7 @@ def test_run_with_audit_on_s3(s3_endpoint, s3_client, model_file, tmp_path):
     assert thumbs and all(t.startswith(f"s3://{bucket}/{audit}/thumbs/") for t in thumbs)
 
     # a second audit through the audit command: a failed gate is exit 3 with one line naming it
-    proc = subprocess.run([sys.executable, "-m", "jobs", "audit", "--output", out, "--gate", "label_issues<=0",
+    proc = subprocess.run([sys.executable, "-m", "bulk_explain", "audit", "--output", out, "--gate", "label_issues<=0",
                            "--quiet", "--s3-endpoint-url", s3_endpoint], capture_output=True, text=True, env=env,
                           timeout=600, cwd=REPO)
     assert proc.returncode == 3, proc.stderr[-3000:]

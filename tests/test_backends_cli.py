@@ -13,10 +13,10 @@ import pytest
 
 from conftest import REPO, photo_like, write_image
 
-from schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
+from bulk_explain.schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
 
 # Runs the CLI in this process and, under jax, exits 7 if the driver imported TensorFlow.
-DRIVER = ("import sys; from jobs.cli import main; rc = main(sys.argv[1:]); "
+DRIVER = ("import sys; from bulk_explain.jobs.cli import main; rc = main(sys.argv[1:]); "
           "sys.exit(7 if rc == 0 and 'jax' in sys.argv and 'tensorflow' in sys.modules else rc)")
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, photo_like, write_image
 
-from schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
+from bulk_explain.schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
 
 
 def make_mixed_folder(root, rng):
@@ -48,7 +48,7 @@ def make_mixed_folder(root, rng):
 
 
 def run_cli(args, module=False, **kw):
-    cmd = [sys.executable, "-m", "jobs"] if module else [sys.executable, "-c", "from jobs.cli import main; raise SystemExit(main())"]
+    cmd = [sys.executable, "-m", "bulk_explain"] if module else [sys.executable, "-c", "from bulk_explain.jobs.cli import main; raise SystemExit(main())"]
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
     return subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=600, **kw)
 
@@ -120,7 +120,7 @@ def test_predictions_equal_keras_on_the_same_files(finished_job):
     model, keras.utils.load_img (nearest, 64 px), x/255, model.predict; p = P(dog)."""
     import keras
 
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     files, out, _, _ = finished_job
     rows = {r["source_uri"]: r for r in ds.dataset(os.path.join(out, "manifest")).to_table().to_pylist()}
@@ -189,7 +189,7 @@ def test_rerun_skips_committed_shards_via_python_m(finished_job, tmp_path):
 
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory):
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     path = str(tmp_path_factory.mktemp("weights") / "other.keras")  # cats_dogs: --weights is a model file
     load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=1)).model.save(path)
@@ -211,7 +211,7 @@ def other_weights(tmp_path_factory):
     {"activation_grids": 0},
 ], ids=lambda change: ",".join(change))
 def test_changed_config_is_refused_before_ray(finished_job, tmp_path, capsys, ray_init_calls, other_weights, change):
-    from jobs.cli import main
+    from bulk_explain.jobs.cli import main
 
     _, shared_out, args, _ = finished_job
     out = _copy_output(shared_out, tmp_path)
@@ -228,7 +228,7 @@ def test_changed_config_is_refused_before_ray(finished_job, tmp_path, capsys, ra
 def test_unchanged_config_is_accepted_without_starting_ray(finished_job, tmp_path, capsys, ray_init_calls):
     """The control for the refusals above: the very same command on the same output is accepted,
     and with every shard committed it starts no Ray at all."""
-    from jobs.cli import main
+    from bulk_explain.jobs.cli import main
 
     _, shared_out, args, _ = finished_job
     out = _copy_output(shared_out, tmp_path)
@@ -238,7 +238,7 @@ def test_unchanged_config_is_accepted_without_starting_ray(finished_job, tmp_pat
 
 
 def test_overwrite_replaces_a_different_configuration(finished_job, tmp_path, capsys):
-    from jobs.cli import main
+    from bulk_explain.jobs.cli import main
 
     files, shared_out, args, _ = finished_job
     out = _copy_output(shared_out, tmp_path)
@@ -258,8 +258,8 @@ def test_overwrite_replaces_a_different_configuration(finished_job, tmp_path, ca
 def test_same_config_with_other_weights_in_the_file_is_refused(tmp_path, capsys, ray_init_calls):
     """The weights file's path is unchanged but its content is not: caught by the model's
     fingerprint (after the driver loads the model, still before Ray starts)."""
-    from jobs.cli import main
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.jobs.cli import main
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     write_image(str(tmp_path / "in" / "cats" / "a.png"), photo_like(np.random.default_rng(0), 30, 40))
     weights = str(tmp_path / "w.keras")  # cats_dogs: --weights is a model file
@@ -278,7 +278,7 @@ def test_same_config_with_other_weights_in_the_file_is_refused(tmp_path, capsys,
 
 
 def test_python_api_vgg16_with_label_class(ray_local, tmp_path):
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     rng = np.random.default_rng(3)
     for i in range(3):

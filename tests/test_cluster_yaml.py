@@ -122,7 +122,7 @@ def test_broken_configs_fail_validation(config, path, value):
 # -- what `ray job submit --working-dir .` uploads (docs/cluster.md) ---------------------------------
 
 DOCS = os.path.join(REPO, "docs", "cluster.md")
-KEEP = ["pyproject.toml", "cluster.yaml", "jobs/cli.py", "workers/storage_s3.py", "schemas/image_manifest.py"]
+KEEP = ["pyproject.toml", "cluster.yaml", "bulk_explain/__init__.py", "jobs/cli.py", "workers/storage_s3.py", "schemas/image_manifest.py"]
 DROP = ["models/cats_and_dogs_small_1.h5", "my model.keras", "out/manifest/shard-00000.parquet",
         "data/pets/cats/cat 1.jpg", "sample_photos/coffee.png", "demo_out/overlays/00000/x.jpg",
         ".git/config", ".venv/lib/site.py", "bulk_explain.egg-info/PKG-INFO"]

@@ -30,7 +30,7 @@ ENV = dict(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled", 
 
 
 def _config(root, out, **kw):
-    from jobs import ExplainConfig, ModelSpec
+    from bulk_explain.jobs import ExplainConfig, ModelSpec
 
     kw.setdefault("shard_size", 2)
     return ExplainConfig(inputs=(root,), output=out, batch_size=2, model=ModelSpec(**MODEL), **kw)
@@ -62,8 +62,8 @@ def _rows(out):
 def _assert_consistent(out, inputs):
     """Exactly once, every visible part is the part its marker committed, every referenced image
     file exists and no staged part is left."""
-    from workers.writer import marker_agrees, read_part_commit
-    from workers.storage import LocalStorage
+    from bulk_explain.workers.explain.writer import marker_agrees, read_part_commit
+    from bulk_explain.workers.storage import LocalStorage
 
     rows = _rows(out)
     assert sorted(rows) == sorted(inputs)
@@ -82,8 +82,8 @@ def _assert_consistent(out, inputs):
 # ----------------------------------------------------------------------------- 1. removals
 
 def test_empty_unmounted_or_unreadable_input_keeps_every_earlier_result(ray_local, tmp_path, monkeypatch):
-    from jobs import run_explain
-    from jobs.config import ConfigError
+    from bulk_explain.jobs import run_explain
+    from bulk_explain.jobs.explain.config import ConfigError
 
     root, out = str(tmp_path / "in"), str(tmp_path / "out")
     inputs = _images(root, 6)
@@ -135,7 +135,7 @@ def test_cli_no_images_and_nested_input_output_exit_2_with_one_line(tmp_path):
     ]
     (out / "overlays").mkdir(parents=True)
     for args, expected in cases:
-        proc = subprocess.run([sys.executable, "-m", "jobs", "run", *args, *CLI_MODEL], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "bulk_explain", "run", *args, *CLI_MODEL], capture_output=True,
                               text=True, env=env, timeout=300)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
@@ -143,8 +143,8 @@ def test_cli_no_images_and_nested_input_output_exit_2_with_one_line(tmp_path):
 
 
 def test_input_and_output_may_not_contain_each_other_local_and_s3(tmp_path):
-    from jobs import ExplainConfig, ModelSpec
-    from jobs.config import ConfigError
+    from bulk_explain.jobs import ExplainConfig, ModelSpec
+    from bulk_explain.jobs.explain.config import ConfigError
 
     (tmp_path / "data" / "in").mkdir(parents=True)
     for inputs, output, expected in [
@@ -171,7 +171,7 @@ def _rewrite_keeping_mtime(path, rgb):
 
 
 def test_rewrite_keeping_mtime_with_a_new_size_is_recomputed(ray_local, tmp_path):
-    from jobs import run_explain
+    from bulk_explain.jobs import run_explain
 
     root, out = str(tmp_path / "in"), str(tmp_path / "out")
     paths = _images(root, 4, ext="bmp", size=(20, 24))
@@ -190,7 +190,7 @@ def test_rewrite_keeping_mtime_with_a_new_size_is_recomputed(ray_local, tmp_path
 def test_verify_content_sees_a_rewrite_with_the_same_size_and_mtime(tmp_path):
     """The driver redoes a shard exactly when its content hash changes (tested end to end above);
     with --verify-content the version, and so the hash, follows the bytes."""
-    from jobs.plan import list_inputs, make_plan, plan_shards
+    from bulk_explain.jobs.explain.plan import list_inputs, make_plan, plan_shards
 
     root = str(tmp_path / "in")
     paths = _images(root, 4, ext="bmp", size=(20, 24))  # BMP: same dimensions, same file size
@@ -223,9 +223,9 @@ def _rewrite_part(path, **meta):
 
 
 def test_forged_or_foreign_parts_are_redone_not_trusted(ray_local, tmp_path, monkeypatch):
-    from jobs import run_explain
+    from bulk_explain.jobs import run_explain
 
-    from jobs.plan import PlannedShard
+    from bulk_explain.jobs.explain.plan import PlannedShard
 
     root, out = str(tmp_path / "in"), str(tmp_path / "out")
     inputs = _images(root, 10, seed=4)
@@ -275,13 +275,13 @@ def test_two_overlapping_drivers_end_exactly_once_after_a_plain_rerun(ray_local,
     is rewritten, two images are added and driver B runs to the end (it redoes shard 1). Then A
     goes on. A plain re-run must leave every input exactly once, the changed image's new row,
     every part agreeing with its marker and every referenced file present."""
-    from jobs import run_explain
+    from bulk_explain.jobs import run_explain
 
     root, out, flag = str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "flag")
     inputs = _images(root, 8, seed=6)
     env = dict(os.environ, **ENV, BULK_EXPLAIN_TEST_CRASH_AT="after_marker:1",
                BULK_EXPLAIN_TEST_CRASH_ACTION="hold", BULK_EXPLAIN_TEST_CRASH_FLAG=flag)
-    a = subprocess.Popen([sys.executable, "-m", "jobs", "run", "--input", root, "--output", out, *CLI_MODEL,
+    a = subprocess.Popen([sys.executable, "-m", "bulk_explain", "run", "--input", root, "--output", out, *CLI_MODEL,
                           "--shard-size", "2", "--batch-size", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
@@ -296,7 +296,7 @@ def test_two_overlapping_drivers_end_exactly_once_after_a_plain_rerun(ray_local,
 
         # The output lease (workers/lease.py) would refuse B (exit 4): B breaks it, as an operator
         # could, so this test proves the commit protocol's own self-check, independent of the lease.
-        from workers.lease import LeaseOptions
+        from bulk_explain.workers.lease import LeaseOptions
 
         b = run_explain(_config(root, out), progress=False, lease=LeaseOptions(break_lease=True))
         assert b.exit_code == 0 and b.changed_images == 1 and b.added_images == 2
@@ -323,8 +323,8 @@ def test_two_overlapping_drivers_end_exactly_once_after_a_plain_rerun(ray_local,
 # ----------------------------------------------------------------------------- 5. names
 
 def test_raw_byte_name_and_literal_escape_name_are_two_inputs(tmp_path):
-    from jobs.plan import list_inputs
-    from workers.storage import storage_for
+    from bulk_explain.jobs.explain.plan import list_inputs
+    from bulk_explain.workers.storage import storage_for
 
     root = tmp_path / "in"
     root.mkdir()
@@ -343,7 +343,7 @@ def test_raw_byte_name_and_literal_escape_name_are_two_inputs(tmp_path):
 # ----------------------------------------------------------------------------- 4. scale
 
 def test_plan_is_64_bit_text_and_shards_are_references_until_sent(tmp_path):
-    from jobs.plan import ShardTask, iter_shards, list_inputs, make_plan, plan_shards
+    from bulk_explain.jobs.explain.plan import ShardTask, iter_shards, list_inputs, make_plan, plan_shards
 
     root = str(tmp_path / "in")
     inputs = _images(root, 6, seed=8)
@@ -361,9 +361,9 @@ def test_plan_is_64_bit_text_and_shards_are_references_until_sent(tmp_path):
 def test_worker_read_ahead_is_bounded_by_decoded_bytes(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from jobs.plan import ShardTask
-    from workers.preprocessing import Preprocessing
-    from workers.reader import ByteBudget, iter_decoded_batches
+    from bulk_explain.jobs.explain.plan import ShardTask
+    from bulk_explain.workers.preprocessing import Preprocessing
+    from bulk_explain.workers.explain.reader import ByteBudget, iter_decoded_batches
 
     paths = _images(str(tmp_path / "in"), 24, seed=9, size=(100, 120))
     task = ShardTask(0, paths, [None] * 24, [1] * 24, ["1"] * 24)
@@ -383,8 +383,8 @@ def test_worker_read_ahead_is_bounded_by_decoded_bytes(tmp_path):
 
 
 def test_part_footer_is_read_with_a_ranged_get_on_s3(s3_bucket, s3_endpoint):
-    from workers.storage_s3 import S3Storage
-    from workers.writer import PART_ATTEMPT, PART_CONTENT_HASH, PART_SHARD, read_part_commit
+    from bulk_explain.workers.storage_s3 import S3Storage
+    from bulk_explain.workers.explain.writer import PART_ATTEMPT, PART_CONTENT_HASH, PART_SHARD, read_part_commit
 
     storage = S3Storage()
     table = pa.table({"x": pa.array(np.arange(200_000))})  # a part much larger than its footer

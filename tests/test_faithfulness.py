@@ -76,7 +76,7 @@ def reference_linear_impute(img, removed):
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import spsolve
 
-    from workers.faithfulness import ROAD_NEIGHBOUR_WEIGHTS
+    from bulk_explain.workers.explain.faithfulness import ROAD_NEIGHBOUR_WEIGHTS
 
     h, w, c = img.shape
     flat = removed.ravel()
@@ -114,8 +114,8 @@ def shapes_model():
     """The lecture's convnet trained on squares (class 0) vs rings (class 1) at a random place."""
     import keras
 
-    from workers.models import LoadedModel, build_cats_dogs_convnet
-    from workers.preprocessing import Preprocessing
+    from bulk_explain.workers.models import LoadedModel, build_cats_dogs_convnet
+    from bulk_explain.workers.preprocessing import Preprocessing
 
     rng = np.random.default_rng(0)
     x_train, y_train, _ = make_shapes(400, rng)
@@ -137,8 +137,8 @@ def shapes_model():
 def test_scorecam_equals_one_image_reference(kind, size, channels):
     import tensorflow as tf
 
-    from workers.explain_step import ExplainStep
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(kind=kind, weights="random", input_size=size, seed=7))
     sigmoid = loaded.output_kind == "sigmoid"
@@ -161,7 +161,7 @@ def test_scorecam_equals_one_image_reference(kind, size, channels):
 
 
 def test_deletion_insertion_equal_per_image_reference(shapes_model):
-    from workers.explain_step import ExplainStep
+    from bulk_explain.workers.explain.explain_step import ExplainStep
 
     loaded, x_test, y_test = shapes_model
     steps = 8
@@ -183,7 +183,7 @@ def test_deletion_insertion_equal_per_image_reference(shapes_model):
     # difference): RISE's blur with mirrored borders
     import tensorflow as tf
 
-    from workers.faithfulness import gaussian_blur
+    from bulk_explain.workers.explain.faithfulness import gaussian_blur
 
     got = np.asarray(gaussian_blur(tf.constant(images, tf.float32)))
     for i in range(len(images)):
@@ -194,7 +194,7 @@ def test_deletion_insertion_equal_per_image_reference(shapes_model):
 def test_road_imputation_equals_direct_solve():
     """The in-graph solver (CG from a coarse-to-fine start) against ROAD's direct sparse solve:
     within a few grey levels, less than ROAD's own noise (sigma 2.55)."""
-    from workers.faithfulness import ROAD_NOISE, linear_impute
+    from bulk_explain.workers.explain.faithfulness import ROAD_NOISE, linear_impute
 
     rng = np.random.default_rng(0)
     size = 64  # two coarser levels below this one
@@ -227,7 +227,7 @@ def test_metrics_rank_gradcam_above_random_above_inverted_per_class(shapes_model
     """Grad-CAM's map must beat a random map and the inverted map must lose to both, reported per
     class: a blurred image is itself read as one class with high confidence, and for that class
     deletion / insertion barely move whatever the map (the issue's lecture-model observation)."""
-    from workers.explain_step import ExplainStep
+    from bulk_explain.workers.explain.explain_step import ExplainStep
 
     loaded, x_test, y_test = shapes_model
     n = len(x_test)
@@ -241,7 +241,7 @@ def test_metrics_rank_gradcam_above_random_above_inverted_per_class(shapes_model
 
     import tensorflow as tf
 
-    from workers.faithfulness import gaussian_blur
+    from bulk_explain.workers.explain.faithfulness import gaussian_blur
 
     blurred = np.asarray(gaussian_blur(tf.constant(x_test, tf.float32)))
     p_ring = np.asarray(loaded.model(blurred / 255.0, training=False))[:, 0]
@@ -277,8 +277,8 @@ def test_metrics_rank_gradcam_above_random_above_inverted_per_class(shapes_model
 
 
 def test_several_methods_in_one_step_equal_single_method_steps():
-    from workers.explain_step import ExplainStep
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=11))
     rng = np.random.default_rng(5)
@@ -302,7 +302,7 @@ def test_several_methods_in_one_step_equal_single_method_steps():
 
 
 def test_layout_names_per_method(tmp_path):
-    from workers.layout import OutputLayout
+    from bulk_explain.workers.layout import OutputLayout
 
     layout = OutputLayout(str(tmp_path))
     image_id = "ab" * 8
@@ -322,7 +322,7 @@ def test_layout_names_per_method(tmp_path):
     (["--scorecam-channels", "-1"], "--scorecam-channels must be"),
 ])
 def test_bad_method_or_metric_is_one_line_exit_2(tmp_path, capsys, argv, needle):
-    from jobs.cli import main
+    from bulk_explain.jobs.cli import main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -339,8 +339,8 @@ def test_run_with_several_methods_and_metrics(tmp_path, ray_local):
     and the scorecam entries equal a scorecam-only run's."""
     import pyarrow.dataset as ds
 
-    from jobs import ExplainConfig, ModelSpec, run_explain
-    from schemas.image_manifest import EXPLANATIONS_TYPE
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.schemas.image_manifest import EXPLANATIONS_TYPE
 
     rng = np.random.default_rng(8)
     src = tmp_path / "in"

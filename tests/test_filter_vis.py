@@ -8,8 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
-from workers import filter_vis
-from workers.filter_vis import FilterAscent, contact_sheet, deprocess_image, start_noise
+from bulk_explain.workers.filters import filter_vis
+from bulk_explain.workers.filters.filter_vis import FilterAscent, contact_sheet, deprocess_image, start_noise
 
 
 def _small_convnet(size=32, seed=0):
@@ -264,7 +264,7 @@ def test_small_output_layer_keeps_a_pixel():
 
 
 def test_color_filter_tiles_per_filter_minmax_nearest_and_bgr():
-    from workers.filter_weights import color_filter_tiles
+    from bulk_explain.workers.filters.filter_weights import color_filter_tiles
 
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
@@ -283,7 +283,7 @@ def test_color_filter_tiles_per_filter_minmax_nearest_and_bgr():
 
 
 def test_channel_grid_is_the_lectures_gray_view():
-    from workers.filter_weights import channel_grid
+    from bulk_explain.workers.filters.filter_weights import channel_grid
 
     rng = np.random.default_rng(1)
     kernel = rng.normal(size=(3, 3, 8, 10)).astype(np.float32)
@@ -298,8 +298,8 @@ def test_channel_grid_is_the_lectures_gray_view():
 
 
 def test_write_weight_plots_through_storage(tmp_path):
-    from workers.filter_weights import write_weight_plots
-    from workers.storage import storage_for
+    from bulk_explain.workers.filters.filter_weights import write_weight_plots
+    from bulk_explain.workers.storage import storage_for
 
     model = _small_convnet(24)
     storage = storage_for(str(tmp_path))

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import filters_job
-from jobs.filters_job import FiltersConfig, FiltersConfigError, FilterWorker, load_filters_model, run_filters
-from workers.models import ModelError, ModelSpec
+from bulk_explain.jobs.filters import job as filters_job
+from bulk_explain.jobs.filters.job import FiltersConfig, FiltersConfigError, FilterWorker, load_filters_model, run_filters
+from bulk_explain.workers.models import ModelError, ModelSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +137,7 @@ LAYERS = ["block1_conv1", "block1_conv2"]
 def cli_run(tmp_path_factory):
     """One CLI run in a subprocess (its own embedded Ray): VGG16, random weights, 2 layers, 48 px."""
     out = tmp_path_factory.mktemp("filters") / "vis"
-    cmd = [sys.executable, "-m", "jobs", "filters", "--model", "vgg16", "--weights", "random",
+    cmd = [sys.executable, "-m", "bulk_explain", "filters", "--model", "vgg16", "--weights", "random",
            "--output", str(out), "--layers", ",".join(LAYERS), "--size", "48", "--steps", "4",
            "--filters-per-unit", "32", "--weights-filters", "4", "--weights-channels", "5"]
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
@@ -234,7 +234,7 @@ def test_unknown_layer_fails_before_ray(tmp_path, ray_init_calls):
 def _cli(args, env_extra=None):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "jobs", "filters", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "bulk_explain", "filters", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -65,8 +65,8 @@ def _cats_dogs(pets, out, *extra):
 
 
 def test_label_matcher_cats_dogs_and_imagenet():
-    from workers.labels import LabelMatcher, resolve_cam_classes
-    from workers.models import CATS_DOGS_CLASSES, imagenet_class_names
+    from bulk_explain.workers.explain.labels import LabelMatcher, resolve_cam_classes
+    from bulk_explain.workers.models import CATS_DOGS_CLASSES, imagenet_class_names
 
     pets = LabelMatcher(CATS_DOGS_CLASSES)
     assert [pets.index(x) for x in ("cats", "dogs", "cat", "Dogs", "birds", None)] == [0, 1, 0, 1, None, None]
@@ -87,7 +87,7 @@ def test_label_matcher_cats_dogs_and_imagenet():
 
 
 def test_cam_spread_is_share_above_half_max():
-    from workers.writer import cam_spread
+    from bulk_explain.workers.explain.writer import cam_spread
 
     focused = np.zeros((10, 10), np.float32)
     focused[2:4, 2:4] = 1.0
@@ -101,8 +101,8 @@ def test_cam_spread_is_share_above_half_max():
 
 
 def test_weights_default_by_model_kind_and_conflicts(tmp_path, pets):
-    from jobs.config import ConfigError, ExplainConfig
-    from workers.models import ModelSpec
+    from bulk_explain.jobs.explain.config import ConfigError, ExplainConfig
+    from bulk_explain.workers.models import ModelSpec
 
     model_file = tmp_path / "m.keras"
     model_file.write_bytes(b"placeholder: validation does not load it")
@@ -215,7 +215,7 @@ def test_unexpected_value_error_is_exit_1_not_bad_configuration(pets, tmp_path):
 
 
 def test_help_shows_every_default_and_every_option_has_help():
-    from jobs.cli import build_parser
+    from bulk_explain.jobs.cli import build_parser
 
     proc = cli(["run", "--help"])
     assert proc.returncode == 0
@@ -281,7 +281,7 @@ def test_quiet_run_labels_correct_and_failure_reason(pets, tmp_path):
 def cats_dogs_file(tmp_path_factory):
     import keras
 
-    from workers.models import build_cats_dogs_convnet
+    from bulk_explain.workers.models import build_cats_dogs_convnet
 
     keras.utils.set_random_seed(3)
     path = tmp_path_factory.mktemp("model") / "cats_dogs.keras"
@@ -290,7 +290,7 @@ def cats_dogs_file(tmp_path_factory):
 
 
 def _config(pets, out, model_file, **kw):
-    from jobs import ExplainConfig, ModelSpec
+    from bulk_explain.jobs import ExplainConfig, ModelSpec
 
     return ExplainConfig(inputs=(str(pets),), output=str(out), model=ModelSpec("cats_dogs", model_file=model_file),
                          batch_size=4, shard_size=2, workers=1, **kw)
@@ -301,7 +301,7 @@ def _rows(out):
 
 
 def test_limit_then_full_run_and_full_then_limit(ray_local, pets, tmp_path, cats_dogs_file):
-    from jobs import run_explain
+    from bulk_explain.jobs import run_explain
 
     out = tmp_path / "out"
     first = run_explain(_config(pets, out, cats_dogs_file, limit=3), progress=False)
@@ -318,9 +318,9 @@ def test_limit_then_full_run_and_full_then_limit(ray_local, pets, tmp_path, cats
 
 
 def test_worker_counts_computed_images_for_progress(tmp_path, pets, cats_dogs_file):
-    from jobs.driver import worker_settings
-    from jobs.plan import iter_shards, list_inputs, make_plan
-    from workers.shard_worker import ExplainWorker
+    from bulk_explain.jobs.explain.driver import worker_settings
+    from bulk_explain.jobs.explain.plan import iter_shards, list_inputs, make_plan
+    from bulk_explain.workers.explain.shard_worker import ExplainWorker
 
     config = _config(pets, tmp_path / "o", cats_dogs_file).validated()
     worker = ExplainWorker(worker_settings(config, None, None, 1))
@@ -331,7 +331,7 @@ def test_worker_counts_computed_images_for_progress(tmp_path, pets, cats_dogs_fi
 
 
 def test_progress_rate_counts_from_the_first_batch():
-    from jobs.progress import Progress
+    from bulk_explain.jobs.progress import Progress
 
     stream = io.StringIO()
     log = Progress(total_shards=2, skipped=0, images_todo=10, stream=stream, interval=0.0)

@@ -90,7 +90,7 @@ def _mixed_batch(size, n, seed):
 
 
 def _check(loaded, kind, images, requested, sigmoid_binary):
-    from workers.explain_step import ExplainStep
+    from bulk_explain.workers.explain.explain_step import ExplainStep
 
     step = ExplainStep(loaded, batch_size=len(images) + 2)  # padding exercised too
     out = step(images, requested)
@@ -108,7 +108,7 @@ def _check(loaded, kind, images, requested, sigmoid_binary):
 
 
 def test_batched_gradcam_equals_single_image_reference_softmax():
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(kind="vgg16", weights="random", input_size=48, seed=3))
     assert loaded.output_kind == "softmax"
@@ -122,7 +122,7 @@ def test_batched_gradcam_equals_single_image_reference_softmax():
 
 
 def test_batched_gradcam_equals_single_image_reference_sigmoid():
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=5))
     assert loaded.output_kind == "sigmoid" and loaded.class_names == ["cat", "dog"]
@@ -140,8 +140,8 @@ def test_batched_gradcam_equals_single_image_reference_sigmoid():
 def test_cam_is_not_averaged_over_the_batch():
     """The keras-io bug: averaging gradients over the batch makes every image's CAM depend on the
     others. Each image's map must be identical whether it is computed alone or in a batch."""
-    from workers.explain_step import ExplainStep
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=9))
     images = _mixed_batch(64, 4, seed=2)
@@ -155,8 +155,8 @@ def test_cam_is_not_averaged_over_the_batch():
 def test_activation_statistics_match_numpy():
     import keras
 
-    from workers.explain_step import ExplainStep
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(kind="cats_dogs", weights="random", input_size=64, seed=2))
     images = _mixed_batch(64, 3, seed=3)
@@ -198,7 +198,7 @@ METHODS = ("gradcam", "gradcam++", "layercam")
 
 @pytest.fixture(scope="module")
 def softmax_case(tmp_path_factory):
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     path = str(tmp_path_factory.mktemp("softmax") / "m.keras")
     model = _softmax_model_file(path)
@@ -213,7 +213,7 @@ def softmax_case(tmp_path_factory):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("score", ("logit", "probability"))
 def test_cam_method_and_score_equal_one_image_reference(softmax_case, method, score):
-    from workers.explain_step import ExplainStep
+    from bulk_explain.workers.explain.explain_step import ExplainStep
 
     model, loaded, images, requested = softmax_case
     out = ExplainStep(loaded, len(images), method=method, cam_score=score)(images, requested)
@@ -234,7 +234,7 @@ def test_cam_method_and_score_equal_one_image_reference(softmax_case, method, sc
 
 
 def test_cam_methods_differ_from_each_other(softmax_case):
-    from workers.explain_step import ExplainStep
+    from bulk_explain.workers.explain.explain_step import ExplainStep
 
     _, loaded, images, requested = softmax_case
     cams = {m: ExplainStep(loaded, len(images), method=m)(images, requested)["cam"] for m in METHODS}
@@ -245,7 +245,7 @@ def test_cam_methods_differ_from_each_other(softmax_case):
 
 
 def test_unknown_cam_method_is_refused(softmax_case):
-    from workers.explain_step import ExplainStep
+    from bulk_explain.workers.explain.explain_step import ExplainStep
 
     _, loaded, _, _ = softmax_case
     with pytest.raises(ValueError, match="unknown CAM method"):

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import REPO, photo_like, write_image
 
-from workers import image_io
-from workers.image_io import ImageDecodeError, decode_bgr
+from bulk_explain.workers import image_io
+from bulk_explain.workers.image_io import ImageDecodeError, decode_bgr
 
 MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64"]
 # Credentials in the environment (and in an endpoint URL) must never reach outputs or logs.
@@ -29,7 +29,7 @@ ENDPOINT_WITH_PASSWORD = "http://minio-user:sentinel-password-55e1@127.0.0.1:9"
 
 def run_cli(args, env_extra=None, wait_for_flag=None, on_flag=None):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "jobs", *args]
+    cmd = [sys.executable, "-m", "bulk_explain", *args]
     if wait_for_flag is None:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -232,8 +232,8 @@ def test_sixteen_bit_png_explained_like_its_8bit_copy(hostile_job):
 
 UNREADABLE_AS_NOBODY = """
 import json, os, pwd, sys
-from workers.preprocessing import Preprocessing
-from workers.reader import read_one
+from bulk_explain.workers.preprocessing import Preprocessing
+from bulk_explain.workers.explain.reader import read_one
 
 readable, secret = sys.argv[1:3]
 pre = Preprocessing(16, 16, "rescale")
@@ -338,9 +338,9 @@ def test_source_names_cannot_steer_writes_outside_dst(tmp_path):
     only in the source_uri/label columns; every file the writer creates lies under DST."""
     import hashlib
 
-    from workers.layout import OutputLayout
-    from workers.reader import DecodedImage
-    from workers.writer import ShardWriter
+    from bulk_explain.workers.layout import OutputLayout
+    from bulk_explain.workers.explain.reader import DecodedImage
+    from bulk_explain.workers.explain.writer import ShardWriter
 
     dst = tmp_path / "area" / "dst"
     layout = OutputLayout(str(dst))
@@ -366,7 +366,7 @@ def test_source_names_cannot_steer_writes_outside_dst(tmp_path):
 
 
 def test_layout_refuses_ids_that_are_not_ids():
-    from workers.layout import OutputLayout
+    from bulk_explain.workers.layout import OutputLayout
 
     for layout, prefix in ((OutputLayout("/out/dst"), "/out/dst/"), (OutputLayout("s3://bucket/dst"), "s3://bucket/dst/")):
         good = "ab" * 32
@@ -396,9 +396,9 @@ def test_decoders_on_odd_formats():
 def test_reader_reports_a_vanished_file(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from jobs.plan import ShardTask
-    from workers.preprocessing import Preprocessing
-    from workers.reader import iter_decoded_batches
+    from bulk_explain.jobs.explain.plan import ShardTask
+    from bulk_explain.workers.preprocessing import Preprocessing
+    from bulk_explain.workers.explain.reader import iter_decoded_batches
 
     good = write_image(str(tmp_path / "a.jpg"), photo_like(np.random.default_rng(0), 20, 20))
     gone = str(tmp_path / "gone.jpg")

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from workers import image_io
-from workers.image_io import ImageDecodeError, decode_rgb
+from bulk_explain.workers import image_io
+from bulk_explain.workers.image_io import ImageDecodeError, decode_rgb
 
 
 def _png(array):
@@ -167,7 +167,7 @@ def test_vgg16_scaling_equals_keras_preprocess_input():
     import keras
     import tensorflow as tf
 
-    from workers.preprocessing import Preprocessing
+    from bulk_explain.workers.preprocessing import Preprocessing
 
     images = np.random.default_rng(0).integers(0, 256, (3, 10, 12, 3)).astype(np.float32)
     expected = keras.applications.vgg16.preprocess_input(images.copy())
@@ -185,8 +185,8 @@ def test_nearest_resize_equals_keras_load_img(tmp_path, src_hw, dst_hw):
     same file (PNG: lossless, so both decoders see the same pixels)."""
     import keras
 
-    from workers.preprocessing import Preprocessing
-    from workers.reader import read_one
+    from bulk_explain.workers.preprocessing import Preprocessing
+    from bulk_explain.workers.explain.reader import read_one
 
     rgb = np.random.default_rng(sum(src_hw)).integers(0, 256, src_hw + (3,), dtype=np.uint8)
     path = str(tmp_path / "x.png")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from conftest import photo_like, write_image
 
-from jobs.plan import iter_shards, make_plan, plan_changes
+from bulk_explain.jobs.explain.plan import iter_shards, make_plan, plan_changes
 
 
 def _manifest(out):
@@ -26,7 +26,7 @@ def _files(root):
 
 
 def _config(root, out, **kw):
-    from jobs import ExplainConfig, ModelSpec
+    from bulk_explain.jobs import ExplainConfig, ModelSpec
 
     return ExplainConfig(inputs=(root,), output=out, batch_size=4, shard_size=4,
                          model=ModelSpec(kind="cats_dogs", weights="random", input_size=64), **kw)
@@ -40,7 +40,7 @@ def _check_outputs_match_rows(out, rows):
 
 
 def test_add_change_touch_delete_between_runs(ray_local, tmp_path, capsys):
-    from jobs import run_explain
+    from bulk_explain.jobs import run_explain
 
     rng = np.random.default_rng(5)
     root, out = str(tmp_path / "in"), str(tmp_path / "out")
@@ -114,7 +114,7 @@ def test_add_change_touch_delete_between_runs(ray_local, tmp_path, capsys):
 
 
 def test_everything_removed_leaves_an_empty_manifest(ray_local, tmp_path):
-    from jobs import run_explain
+    from bulk_explain.jobs import run_explain
 
     root, out = str(tmp_path / "in"), str(tmp_path / "out")
     img = write_image(os.path.join(root, "a", "x.jpg"), photo_like(np.random.default_rng(1), 30, 30))

@@ -25,8 +25,8 @@ from conftest import REPO
 from s3_server import FaultyS3Proxy
 from test_reliability import ENV, assert_exactly_once, kill_session, make_inputs, wait_flag
 
-from workers.lease import LEASE_NAME, LeaseOptions, OutputBusy, OutputLease
-from workers.storage import LocalStorage
+from bulk_explain.workers.lease import LEASE_NAME, LeaseOptions, OutputBusy, OutputLease
+from bulk_explain.workers.storage import LocalStorage
 
 pytest_plugins = ["s3_server"]
 
@@ -45,7 +45,7 @@ def dst(request, tmp_path):
         return str(tmp_path / "out"), LocalStorage()
     request.getfixturevalue("s3_endpoint")
     bucket = request.getfixturevalue("s3_bucket")
-    from workers.storage_s3 import S3Storage
+    from bulk_explain.workers.storage_s3 import S3Storage
 
     return f"s3://{bucket}/audits/out", S3Storage()
 
@@ -88,7 +88,7 @@ def test_racing_creators_and_takers_have_one_winner(dst):
 
 
 def test_s3_without_conditional_writes_falls_back_and_says_so(s3_bucket, s3_endpoint):
-    from workers.storage_s3 import S3Storage
+    from bulk_explain.workers.storage_s3 import S3Storage
 
     with FaultyS3Proxy(s3_endpoint, reject_conditional_writes=True) as proxy:
         storage = S3Storage(endpoint_url=proxy.endpoint_url)
@@ -223,19 +223,19 @@ class _SkewedClock:
 
 
 def test_expiry_uses_the_store_clock_not_the_callers(dst, monkeypatch):
-    import workers.lease
+    import bulk_explain.workers.lease
 
     output, storage = dst
     holder = lease(output, storage, duration=3.0).acquire()
     _die(holder)
     # The caller's clock runs an hour ahead: by it, the lease expired long ago. By the store's
     # clock it is fresh, so it is busy.
-    monkeypatch.setattr(workers.lease, "time", _SkewedClock(3600))
+    monkeypatch.setattr(bulk_explain.workers.lease, "time", _SkewedClock(3600))
     with pytest.raises(OutputBusy):
         lease(output, storage).acquire()
     # The caller's clock runs an hour behind: by it, the lease is not even written yet. By the
     # store's clock it expires, and it is taken over.
-    monkeypatch.setattr(workers.lease, "time", _SkewedClock(-3600))
+    monkeypatch.setattr(bulk_explain.workers.lease, "time", _SkewedClock(-3600))
     taker = lease(output, storage, wait_seconds=60).acquire()
     assert taker.took_over["holder"] == holder.holder_id
     taker.release()
@@ -248,7 +248,7 @@ def test_bad_lease_duration_is_a_one_line_config_error(monkeypatch, tmp_path):
     assert LeaseOptions(duration_seconds=5).duration() == 5
     with pytest.raises(ValueError, match="at least 1 s"):
         LeaseOptions(duration_seconds=0.1).duration()
-    rc = subprocess.run([sys.executable, "-m", "jobs", "run", "--input", str(tmp_path), "--output",
+    rc = subprocess.run([sys.executable, "-m", "bulk_explain", "run", "--input", str(tmp_path), "--output",
                          str(tmp_path / "o"), *MODEL], env=dict(os.environ, **ENV, BULK_EXPLAIN_LEASE_SECONDS="soon"),
                         capture_output=True, text=True, timeout=120)
     assert rc.returncode == 2 and rc.stderr.count("\n") == 1 and "BULK_EXPLAIN_LEASE_SECONDS" in rc.stderr
@@ -259,7 +259,7 @@ def test_bad_lease_duration_is_a_one_line_config_error(monkeypatch, tmp_path):
 def _start(args, **env):
     # Ray's token auth as the suite sets it up (conftest.py), not the other CLI tests' "disabled".
     base = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"}
-    return subprocess.Popen([sys.executable, "-m", "jobs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "bulk_explain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, **base, **env), start_new_session=True)
 
 
@@ -272,7 +272,7 @@ def _finish(proc, timeout=300):
 
 
 def _s3_rows(uri):
-    from workers.storage import storage_for
+    from bulk_explain.workers.storage import storage_for
 
     fs, path = storage_for(uri).filesystem(uri)
     return ds.dataset(path, filesystem=fs, format="parquet").to_table().column("source_uri").to_pylist()
@@ -319,7 +319,7 @@ def test_two_drivers_started_together_one_runs_the_other_exits_4(where, tmp_path
     else:
         rows = _s3_rows(out + "/manifest")
         assert sorted(rows) == sorted(inputs) and len(rows) == len(set(rows))
-        from workers.storage import storage_for
+        from bulk_explain.workers.storage import storage_for
 
         assert not storage_for(out).exists(out + "/" + LEASE_NAME)
 
@@ -360,8 +360,8 @@ def test_holder_killed_mid_run_then_break_lease_or_wait_for_expiry(tmp_path):
 
 
 def test_explain_and_filters_jobs_take_the_lease_before_any_work(tmp_path):
-    from jobs import ExplainConfig, ModelSpec, run_explain
-    from jobs.filters_job import FiltersConfig, run_filters
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs.filters.job import FiltersConfig, run_filters
 
     make_inputs(str(tmp_path / "in"), 2)
     out = str(tmp_path / "out")

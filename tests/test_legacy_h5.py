@@ -48,8 +48,8 @@ def test_tf_keras2_h5_loads_and_explains(tmp_path):
     with open(h5, "rb") as f:
         assert f.read(8) == b"\x89HDF\r\n\x1a\n"  # really the legacy HDF5 format
 
-    from workers.explain_step import ExplainStep
-    from workers.models import ModelSpec, load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(kind="cats_dogs", model_file=str(h5)))
     assert loaded.output_kind == "sigmoid" and loaded.class_names == ["cat", "dog"]

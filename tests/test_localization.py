@@ -34,10 +34,10 @@ def make_shapes(n, rng):
 def test_gradcam_pointing_game_beats_centre_baseline():
     import keras
 
-    from workers import image_io
-    from workers.explain_step import ExplainStep
-    from workers.models import LoadedModel, build_cats_dogs_convnet
-    from workers.preprocessing import Preprocessing
+    from bulk_explain.workers import image_io
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import LoadedModel, build_cats_dogs_convnet
+    from bulk_explain.workers.preprocessing import Preprocessing
 
     rng = np.random.default_rng(0)
     x_train, y_train, _ = make_shapes(800, rng)

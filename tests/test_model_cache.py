@@ -20,7 +20,7 @@ pytest_plugins = ["s3_server"]
 # sha256 of the bytes at the path it got, at the moment it got it (what Keras would then read).
 FILLER = textwrap.dedent("""
     import hashlib, os, sys, time
-    from workers.models import _cache_remote_file
+    from bulk_explain.workers.models import _cache_remote_file
     uri, go, ready = sys.argv[1:4]
     open(ready, "w").close()
     while not os.path.exists(go):   # all four start downloading together
@@ -41,7 +41,7 @@ def tiny_model(seed, units=8192):
 
 
 def fingerprint(model):
-    from workers.models import LoadedModel
+    from bulk_explain.workers.models import LoadedModel
 
     return LoadedModel(model=model, class_names=[], preprocessing=None, output_kind="").fingerprint()
 
@@ -68,7 +68,7 @@ def cached_files(cache):
 
 
 def test_four_processes_filling_the_cache_at_once_all_load_the_right_model(tmp_path, model_on_s3):
-    from workers.models import load_model_file
+    from bulk_explain.workers.models import load_model_file
 
     uri, expected = model_on_s3(1)
     cache, go = str(tmp_path / "cache"), str(tmp_path / "go")
@@ -99,7 +99,7 @@ def test_four_processes_filling_the_cache_at_once_all_load_the_right_model(tmp_p
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "same size, other bytes"])
 def test_a_damaged_cached_copy_is_fetched_again(tmp_path, monkeypatch, model_on_s3, damage):
-    from workers.models import _cache_remote_file, load_model_file
+    from bulk_explain.workers.models import _cache_remote_file, load_model_file
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     uri, expected = model_on_s3(2)
@@ -118,7 +118,7 @@ def test_a_damaged_cached_copy_is_fetched_again(tmp_path, monkeypatch, model_on_
 
 
 def test_a_changed_source_is_fetched_again(tmp_path, monkeypatch, model_on_s3):
-    from workers.models import load_model_file
+    from bulk_explain.workers.models import load_model_file
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     uri, first = model_on_s3(3)
@@ -129,11 +129,11 @@ def test_a_changed_source_is_fetched_again(tmp_path, monkeypatch, model_on_s3):
 
 
 def test_worker_with_another_model_than_the_driver_fails_its_shards_with_the_reason(tmp_path):
-    from jobs.config import ExplainConfig
-    from jobs.driver import worker_settings
-    from jobs.plan import ShardTask
-    from workers.models import ModelError, ModelSpec
-    from workers.shard_worker import ExplainWorker
+    from bulk_explain.jobs.explain.config import ExplainConfig
+    from bulk_explain.jobs.explain.driver import worker_settings
+    from bulk_explain.jobs.explain.plan import ShardTask
+    from bulk_explain.workers.models import ModelError, ModelSpec
+    from bulk_explain.workers.explain.shard_worker import ExplainWorker
 
     config = ExplainConfig(inputs=(str(tmp_path),), output=str(tmp_path / "out"), batch_size=1,
                            model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from workers.models import ModelError, ModelSpec, imagenet_class_names, load_model, model_kinds
+from bulk_explain.workers.models import ModelError, ModelSpec, imagenet_class_names, load_model, model_kinds
 
 
 def test_registry_lists_the_three_kinds():
@@ -59,7 +59,7 @@ def test_keras_kind_reads_size_and_class_names(tmp_path):
 
     # a separate Softmax layer: the CAM score is its input (the logits), not the probability
     from test_gradcam import reference_cam
-    from workers.explain_step import ExplainStep
+    from bulk_explain.workers.explain.explain_step import ExplainStep
 
     step = ExplainStep(loaded, batch_size=2)
     images = np.random.default_rng(0).integers(0, 255, (2, 40, 30, 3), dtype=np.uint8)

@@ -31,7 +31,7 @@ def _stored_640x480():
 
 
 def test_reduced_decode_factor_keeps_model_size_and_max_side():
-    from workers.image_io import reduced_decode_factor
+    from bulk_explain.workers.image_io import reduced_decode_factor
 
     data = _jpeg(_stored_640x480())
     assert reduced_decode_factor(data, 224, None) == 1  # default: full size
@@ -46,11 +46,11 @@ def test_reduced_decode_factor_keeps_model_size_and_max_side():
 
 @pytest.mark.parametrize("orientation", [None, 6])
 def test_reduced_read_and_small_outputs(tmp_path, orientation):
-    from workers import image_io
-    from workers.layout import OutputLayout
-    from workers.preprocessing import Preprocessing
-    from workers.reader import read_one
-    from workers.writer import ShardWriter
+    from bulk_explain.workers import image_io
+    from bulk_explain.workers.layout import OutputLayout
+    from bulk_explain.workers.preprocessing import Preprocessing
+    from bulk_explain.workers.explain.reader import read_one
+    from bulk_explain.workers.explain.writer import ShardWriter
 
     path = tmp_path / "in" / "a.jpg"
     path.parent.mkdir()
@@ -96,7 +96,7 @@ def test_reduced_read_and_small_outputs(tmp_path, orientation):
 
 
 def test_exif_orientation_parser():
-    from workers.image_io import display_size, jpeg_exif_orientation
+    from bulk_explain.workers.image_io import display_size, jpeg_exif_orientation
 
     rgb = np.zeros((20, 40, 3), np.uint8)
     for orientation in range(1, 9):

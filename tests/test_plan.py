@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from conftest import photo_like, write_image
-from jobs.plan import iter_shards, label_of, list_inputs, make_plan, write_plan
+from bulk_explain.jobs.explain.plan import iter_shards, label_of, list_inputs, make_plan, write_plan
 
 
 def test_plan_workers_sizes_actors_to_the_cluster():
-    from jobs.distribute import plan_workers
+    from bulk_explain.jobs.distribute import plan_workers
 
     cpu_node = {"nodes": 1, "cpus": 2, "gpus": 0, "min_node_cpus": 2}
     assert plan_workers(None, cpu_node) == {"count": 1, "num_gpus": 0, "num_cpus": 2, "tf_threads": 2}

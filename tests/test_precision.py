@@ -11,8 +11,8 @@ def trained():
     import keras
 
     from test_localization import make_shapes
-    from workers.models import LoadedModel, build_cats_dogs_convnet, seeded_random_weights
-    from workers.preprocessing import Preprocessing
+    from bulk_explain.workers.models import LoadedModel, build_cats_dogs_convnet, seeded_random_weights
+    from bulk_explain.workers.preprocessing import Preprocessing
 
     rng = np.random.default_rng(0)
     x_train, y_train, _ = make_shapes(600, rng)
@@ -25,8 +25,8 @@ def trained():
 
 
 def test_mixed_bfloat16_matches_float32(trained):
-    from workers.explain_step import ExplainStep
-    from workers.models import with_precision
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import with_precision
 
     loaded, images = trained
     mixed = with_precision(loaded, "mixed_bfloat16")
@@ -50,7 +50,7 @@ def test_mixed_bfloat16_matches_float32(trained):
 
 
 def test_unknown_precision_is_refused(trained):
-    from workers.models import ModelError, with_precision
+    from bulk_explain.workers.models import ModelError, with_precision
 
     with pytest.raises(ModelError, match="unknown precision 'float8'"):
         with_precision(trained[0], "float8")

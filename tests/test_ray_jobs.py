@@ -42,7 +42,8 @@ DECOYS = ["models/cats_and_dogs_small_1.h5", "my model.keras", "data/pets/cats/c
           "results/manifest/shard-00000.parquet", "notebooks/overlay.png", "saved_model/saved_model.pb"]
 
 PROBE = '''\
-import json, os, jobs, workers
+import json, os
+import bulk_explain.jobs.cli as jobs, bulk_explain.workers.storage as workers
 root = os.getcwd()
 files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 print("PROBE " + json.dumps({"cwd": root, "jobs": jobs.__file__, "workers": workers.__file__,
@@ -288,7 +289,7 @@ def test_submitted_job_runs_on_a_head_with_token_auth(tmp_path):
                                  env=client_env(stranger), capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, refused.stderr[-2000:]
         # Our driver joining the GCS without the token: one line saying what to set.
-        joined = subprocess.run([sys.executable, "-m", "jobs", "run", "--input", inputs, "--output",
+        joined = subprocess.run([sys.executable, "-m", "bulk_explain", "run", "--input", inputs, "--output",
                                  str(tmp_path / "nope"), "--model", "cats_dogs", "--weights", "random",
                                  "--input-size", "64", "--address", head.gcs_address],
                                 env=client_env(stranger, PYTHONPATH=REPO), capture_output=True, text=True,
@@ -299,7 +300,7 @@ def test_submitted_job_runs_on_a_head_with_token_auth(tmp_path):
         assert last.startswith("bulk-explain: error: could not join the Ray cluster") and "RAY_AUTH_MODE=token" in last
         assert "Traceback" not in joined.stderr
 
-        entrypoint = ("python _probe_upload.py && python -m jobs run "
+        entrypoint = ("python _probe_upload.py && python -m bulk_explain run "
                       f"--input '{inputs}' --output '{out}' --model cats_dogs --weights random "
                       "--input-size 64 --shard-size 2 --batch-size 4 --address auto")
         outcome = run_client(head, client_env(home, token_path), {
@@ -324,7 +325,8 @@ def test_submitted_job_runs_on_a_head_with_token_auth(tmp_path):
     assert "runtime_resources" in probe["cwd"] and probe["cwd"] != checkout
     assert probe["jobs"].startswith(probe["cwd"] + os.sep) and probe["workers"].startswith(probe["cwd"] + os.sep)
     uploaded = set(probe["files"])
-    assert {"jobs/cli.py", "jobs/driver.py", "workers/storage_s3.py", "pyproject.toml"} <= uploaded
+    assert {"bulk_explain/__init__.py", "jobs/cli.py", "jobs/explain/driver.py", "workers/storage_s3.py",
+            "pyproject.toml"} <= uploaded
     assert not uploaded & set(DECOYS), sorted(uploaded & set(DECOYS))
     assert {c for c in copied if c.endswith(".py")} <= uploaded  # and no code went missing
 

@@ -43,7 +43,7 @@ def _skip_reason(block):
 
 @pytest.fixture(scope="module")
 def small_output(tmp_path_factory):  # run_explain starts its own embedded Ray (ray_local is per test)
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     root = tmp_path_factory.mktemp("readme")
     rng = np.random.default_rng(5)

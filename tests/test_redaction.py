@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from jobs.runtime import EnvironmentProblem, read_json, redact, redacted, s3_storage_configured, worker_env
-from workers.storage import LocalStorage, storage_for
+from bulk_explain.jobs.runtime import EnvironmentProblem, read_json, redact, redacted, s3_storage_configured, worker_env
+from bulk_explain.workers.storage import LocalStorage, storage_for
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -72,9 +72,9 @@ def test_read_json_missing_is_none_and_every_other_error_raises(tmp_path):
 
 
 def test_unreadable_marker_fails_both_job_kinds_instead_of_recomputing(tmp_path):
-    from jobs.driver import _read_markers
-    from jobs.filters_job import FiltersLayout, _committed
-    from workers.layout import OutputLayout
+    from bulk_explain.jobs.explain.driver import _read_markers
+    from bulk_explain.jobs.filters.job import FiltersLayout, _committed
+    from bulk_explain.workers.layout import OutputLayout
 
     denied = PermissionError("access denied (AccessDenied)")
     # explain: the markers of planned shards are read before deciding what to redo
@@ -100,7 +100,7 @@ def test_cli_exits_5_with_one_line_when_job_json_cannot_be_read(tmp_path):
     make_inputs(str(tmp_path / "in"), 1)
     out = tmp_path / "out"
     (out / "job.json").mkdir(parents=True)  # exists, and reading it fails (not "missing")
-    proc = subprocess.run([sys.executable, "-m", "jobs", "run", "--input", str(tmp_path / "in"), "--output",
+    proc = subprocess.run([sys.executable, "-m", "bulk_explain", "run", "--input", str(tmp_path / "in"), "--output",
                            str(out), *MODEL], capture_output=True, text=True, timeout=300, cwd=REPO,
                           env=dict(os.environ, **ENV))
     assert proc.returncode == 5, proc.stderr[-3000:]
@@ -113,9 +113,9 @@ def test_cli_exits_5_with_one_line_when_job_json_cannot_be_read(tmp_path):
 
 
 def test_config_validation_writes_no_environment(monkeypatch, tmp_path):
-    from jobs.config import ExplainConfig
-    from jobs.filters_job import FiltersConfig
-    from workers.models import ModelSpec
+    from bulk_explain.jobs.explain.config import ExplainConfig
+    from bulk_explain.jobs.filters.job import FiltersConfig
+    from bulk_explain.workers.models import ModelSpec
 
     monkeypatch.delenv("BULK_EXPLAIN_S3_ENDPOINT_URL", raising=False)
     before = dict(os.environ)

@@ -96,7 +96,7 @@ def start(args, fault=None, flag=None, action="pause"):
     if fault:
         env.update(BULK_EXPLAIN_TEST_CRASH_AT=fault, BULK_EXPLAIN_TEST_CRASH_ACTION=action,
                    BULK_EXPLAIN_TEST_CRASH_FLAG=flag)
-    return subprocess.Popen([sys.executable, "-m", "jobs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "bulk_explain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
 
 
@@ -251,7 +251,7 @@ def test_driver_killed_at_every_step_then_resumed(tmp_path):
 
 
 def test_shard_that_keeps_killing_its_worker_fails_after_bounded_retries(ray_local, tmp_path, monkeypatch, capsys):
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     inputs = make_inputs(str(tmp_path / "in"), 8, seed=1)
     out = str(tmp_path / "out")
@@ -300,7 +300,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
 
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     config = ExplainConfig(inputs=(root,), output=out, address=cluster.address, workers=2, shard_size=2,
                            batch_size=2, model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
@@ -354,7 +354,7 @@ def test_roll_forward_checks_the_staged_part_and_temp_files_are_deleted(ray_loca
     matching one is (roll forward), and temp files of crashed writes are deleted."""
     import shutil
 
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     inputs = make_inputs(str(tmp_path / "in"), 8, seed=3)
     out = str(tmp_path / "out")

@@ -8,7 +8,7 @@ the project's fault point (`before_stage:1`, action exit = os._exit in the worke
 import pytest
 
 from conftest import REPO
-from jobs.distribute import ActorPool
+from bulk_explain.jobs.distribute import ActorPool
 
 
 def _make_worker_class():
@@ -27,7 +27,7 @@ def _make_worker_class():
         def work(self, unit):
             import os
 
-            from workers.faults import fault_point
+            from bulk_explain.workers.faults import fault_point
 
             if unit != 1:
                 self.innocent_running.set()

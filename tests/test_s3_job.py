@@ -82,7 +82,7 @@ def job_env(**extra):
 
 
 def run_cli(args, endpoint):
-    cmd = [sys.executable, "-m", "jobs", "run", *args, *MODEL_ARGS, "--s3-endpoint-url", endpoint]
+    cmd = [sys.executable, "-m", "bulk_explain", "run", *args, *MODEL_ARGS, "--s3-endpoint-url", endpoint]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=job_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for secret in (ACCESS_KEY, SECRET_KEY):
@@ -210,7 +210,7 @@ def test_s3_to_s3(s3_to_s3, s3_endpoint, s3_client, s3_input, images):
 
 def test_manifest_through_the_jobs_own_filesystem(s3_to_s3, s3_endpoint, s3_input):
     """What docs/cluster.md tells users: storage_for(uri).filesystem(uri) reads the committed rows."""
-    from workers.storage import storage_for
+    from bulk_explain.workers.storage import storage_for
 
     uri = f"s3://{s3_input}/out/manifest"
     fs, path = storage_for(uri).filesystem(uri)
@@ -287,7 +287,7 @@ def test_s3_to_s3_through_throttling_proxy(s3_endpoint, s3_client, s3_input, ima
 def test_incremental_rerun_after_an_etag_change(s3_endpoint, ray_local, s3_client, images):
     """On S3 an object's version is its ETag: re-uploading the same bytes (new LastModified, same
     ETag) redoes nothing, new bytes under the same key redo that one shard and replace its row."""
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
 
     bucket = new_bucket(s3_client)
     keys = sorted(rel for rel, size in DATASET.items() if size is not None)[:4]

@@ -68,10 +68,10 @@ def check_submit_command(argv):
 
 
 def check_entrypoint(argv):
-    """A `bulk-explain run ...` / `python -m jobs run ...` command line, validated by our CLI."""
-    from jobs.cli import build_parser, explain_config_from_args
+    """A `bulk-explain run ...` / `python -m bulk_explain run ...` command line, validated by our CLI."""
+    from bulk_explain.jobs.cli import build_parser, explain_config_from_args
 
-    if argv[:3] == ["python", "-m", "jobs"]:
+    if argv[:3] == ["python", "-m", "bulk_explain"]:
         argv = argv[3:]
     else:
         assert argv[0] == "bulk-explain", argv
@@ -301,7 +301,7 @@ def _rows(out):
 def test_nightly_story_on_a_head_with_token_auth(tmp_path):
     from test_ray_jobs import RayHead, client_env, generate_token, make_checkout
 
-    from workers.lease import LeaseOptions, OutputLease
+    from bulk_explain.workers.lease import LeaseOptions, OutputLease
 
     data, out = str(tmp_path / "data"), str(tmp_path / "audit")
     inputs = _images(data, [f"{c}/{i}.jpg" for i in range(3) for c in ("cats", "dogs")], seed=1)

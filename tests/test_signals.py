@@ -31,7 +31,7 @@ def start(args, fault=None, flag=None, action="pause", preexec_fn=None, **env):
     if fault:
         full.update(BULK_EXPLAIN_TEST_CRASH_AT=fault, BULK_EXPLAIN_TEST_CRASH_ACTION=action,
                     BULK_EXPLAIN_TEST_CRASH_FLAG=flag)
-    return subprocess.Popen([sys.executable, "-m", "jobs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "bulk_explain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=full, start_new_session=True, preexec_fn=preexec_fn, cwd=REPO)
 
 

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3_server import FaultyS3Proxy, populate_bucket
-from workers.storage import FileEntry, StorageError, storage_for
-from workers.storage_s3 import S3Storage, split_uri
+from bulk_explain.workers.storage import FileEntry, StorageError, storage_for
+from bulk_explain.workers.storage_s3 import S3Storage, split_uri
 
 # The S3 fixtures (s3_server, s3_endpoint, s3_client, s3_bucket, s3_proxy). tests/conftest.py should register
 # the same plugin first; naming it here too keeps this file runnable on its own.
@@ -298,7 +298,7 @@ def test_no_credentials_in_pickles_reprs_or_logs(s3_bucket, monkeypatch, caplog)
     secret = "s3cr3t-never-print-me-0123456789"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     storage = S3Storage()
-    with caplog.at_level("DEBUG", logger="workers.storage_s3"):
+    with caplog.at_level("DEBUG", logger="bulk_explain.workers.storage_s3"):
         storage.write_bytes(f"s3://{s3_bucket}/k.jpg", b"x")
         storage.filesystem(f"s3://{s3_bucket}")
     assert secret not in caplog.text and secret not in repr(storage)

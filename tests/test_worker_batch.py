@@ -21,7 +21,7 @@ class _Step:
 
 
 def _worker(fits, shard_size=256):
-    from workers.shard_worker import ExplainWorker
+    from bulk_explain.workers.explain.shard_worker import ExplainWorker
 
     worker = ExplainWorker.__new__(ExplainWorker)  # the logic under test, without a model
     worker.settings = {"shard_size": shard_size}
@@ -60,14 +60,14 @@ def test_out_of_memory_while_running_halves_and_keeps_every_row():
 
 
 def test_backends_recognize_their_out_of_memory_errors():
-    from workers.backends import get_backend
+    from bulk_explain.workers.backends import get_backend
 
     tf_backend = get_backend("tensorflow")
     import tensorflow as tf
 
     assert tf_backend.is_oom(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
     assert not tf_backend.is_oom(ValueError("shape mismatch"))
-    from workers.backends import jax as jax_backend
+    from bulk_explain.workers.backends import jax as jax_backend
 
     fake = object.__new__(jax_backend.JaxBackend)
     assert fake.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"))
@@ -75,8 +75,8 @@ def test_backends_recognize_their_out_of_memory_errors():
 
 
 def test_host_threads_and_gpu_actor_cores():
-    from jobs.distribute import plan_workers
-    from workers.shard_worker import host_threads
+    from bulk_explain.jobs.distribute import plan_workers
+    from bulk_explain.workers.explain.shard_worker import host_threads
 
     assert host_threads(16) == 16 and host_threads(2) == 4 and host_threads(None) >= 4
     shape = plan_workers(None, {"nodes": 4, "cpus": 64, "gpus": 4, "min_node_cpus": 16})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from workers.storage import storage_for
+from bulk_explain.workers.storage import storage_for
 
 _PART = re.compile(r"^shard-(\d{5,})\.(parquet|json)$")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{16,64}$")

@@ -36,7 +36,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from workers.storage import Storage, storage_for
+from bulk_explain.workers.storage import Storage, storage_for
 
 LEASE_NAME = "_lease.json"
 DURATION_ENV = "BULK_EXPLAIN_LEASE_SECONDS"

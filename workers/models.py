@@ -13,7 +13,7 @@ import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
-from workers.preprocessing import Preprocessing
+from bulk_explain.workers.preprocessing import Preprocessing
 
 CATS_DOGS_CLASSES = ("cat", "dog")
 # `weights` value meaning "the weights stored in --model-file" (the default whenever a model file is given).
@@ -165,7 +165,7 @@ def load_model_file(path: str, safe_mode: bool = True):
     """
     import keras
 
-    from workers.storage import scheme_of
+    from bulk_explain.workers.storage import scheme_of
 
     if scheme_of(path) != "file":
         # Keras loads from a local path; fetch remote model files once into a local cache.
@@ -248,7 +248,7 @@ def _cache_remote_file(uri: str) -> str:
     Raises:
         ModelError: the file is missing, unreadable, or kept changing while it was downloaded.
     """
-    from workers.storage import storage_for
+    from bulk_explain.workers.storage import storage_for
 
     storage = storage_for(uri)
     name = os.path.basename(uri.rstrip("/"))
@@ -466,7 +466,7 @@ def _download_imagenet_vgg16():
     """
     import keras
 
-    from workers.environment import EnvironmentProblem
+    from bulk_explain.workers.environment import EnvironmentProblem
 
     try:
         return keras.applications.VGG16(weights="imagenet")

@@ -120,7 +120,7 @@ class Storage:
         this machine (no credentials, endpoint unreachable, no permission to write).
 
         Raises:
-            workers.environment.EnvironmentProblem: one line naming the fix.
+            bulk_explain.workers.environment.EnvironmentProblem: one line naming the fix.
         """
 
     # -- conditional writes (the output lease, workers/lease.py) ------------------------------------
@@ -427,7 +427,7 @@ class LocalStorage(Storage):
     def check_access(self, uri, write=False):
         """For outputs: the folder can be created and written (read-only folder, /sys, a path
         under a file). Leaves nothing behind: a probe file and any folder made here are removed."""
-        from workers.environment import EnvironmentProblem
+        from bulk_explain.workers.environment import EnvironmentProblem
 
         if not write:
             return
@@ -533,6 +533,6 @@ def normalize_uri(uri: str) -> str:
 def _load_optional_backends() -> None:
     # Backends with heavy imports (boto3) register themselves when imported.
     try:
-        from workers import storage_s3  # noqa: F401
+        from bulk_explain.workers import storage_s3  # noqa: F401
     except ImportError:
         pass

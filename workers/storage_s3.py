@@ -4,7 +4,7 @@ Importing this module registers the backend (`storage_for("s3://...")` imports i
 
 Configuration from the environment, except the endpoint of a job: the driver resolves it once
 (``--s3-endpoint-url``, else the variables below) and hands it to the backend's constructor through
-``workers.storage.configure_storage``, in the driver and in every worker (from the worker settings;
+``bulk_explain.workers.storage.configure_storage``, in the driver and in every worker (from the worker settings;
 never through Ray's runtime_env, which Ray logs, nor by writing os.environ):
 
 ``BULK_EXPLAIN_S3_ENDPOINT_URL``
@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Dict, Iterator, Optional, Tuple
 
-from workers.storage import (IMAGE_EXTENSIONS, FileEntry, Storage, StorageError, Versioned,
+from bulk_explain.workers.storage import (IMAGE_EXTENSIONS, FileEntry, Storage, StorageError, Versioned,
                              register_storage)
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class S3Storage(Storage):
                                          EndpointConnectionError, NoCredentialsError,
                                          PartialCredentialsError)
 
-        from workers.environment import EnvironmentProblem
+        from bulk_explain.workers.environment import EnvironmentProblem
 
         bucket, key = split_uri(uri)
         endpoint = self.configured_endpoint()

@@ -117,9 +117,9 @@ def import_backend_quietly(backend: Optional[str] = None) -> str:
         the backend name in effect.
 
     Raises:
-        workers.backends.BackendError: unknown backend, or Keras already loaded with another.
+        bulk_explain.workers.backends.BackendError: unknown backend, or Keras already loaded with another.
     """
-    from workers.backends import select_backend
+    from bulk_explain.workers.backends import select_backend
 
     name = select_backend(backend)
     if name == "tensorflow":

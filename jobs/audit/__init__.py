@@ -2,14 +2,14 @@
 unreadable images, class balance, drift since the previous audit, where the model looks and its
 strategy clusters, with gates for nightly runs. No Ray: one process reads the manifest's columns.
 
-    from jobs.audit import AuditConfig, run_audit
+    from bulk_explain.jobs.audit import AuditConfig, run_audit
     result = run_audit(AuditConfig(output="out/", gates=("label_issues<=0.02", "drift<=0.2")))
     print(result.report_uri, result.exit_code)
 
 Needs the `audit` extra (cleanlab, scikit-learn, scipy, matplotlib).
 """
 
-from jobs.audit.config import AuditConfig, Gate, parse_gate
+from bulk_explain.jobs.audit.config import AuditConfig, Gate, parse_gate
 
 __all__ = ["AuditConfig", "AuditResult", "Gate", "parse_gate", "run_audit", "require_dependencies", "MISSING_DEPENDENCY"]
 
@@ -32,15 +32,15 @@ def require_dependencies() -> None:
 
 
 def run_audit(config, progress: bool = True):
-    """See `jobs.audit.driver.run_audit`."""
-    from jobs.audit.driver import run_audit as _run
+    """See `bulk_explain.jobs.audit.driver.run_audit`."""
+    from bulk_explain.jobs.audit.driver import run_audit as _run
 
     return _run(config, progress=progress)
 
 
 def __getattr__(name):
     if name == "AuditResult":
-        from jobs.audit.driver import AuditResult
+        from bulk_explain.jobs.audit.driver import AuditResult
 
         return AuditResult
     raise AttributeError(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.audit.config import (BORDER, CLUSTER_SAMPLE_PER_CLASS, LABEL_FILTER, LABEL_FILTERS, LOW_CONFIDENCE_BELOW,
+from bulk_explain.jobs.audit.config import (BORDER, CLUSTER_SAMPLE_PER_CLASS, LABEL_FILTER, LABEL_FILTERS, LOW_CONFIDENCE_BELOW,
                                MAX_CLUSTER_CLASSES, MAX_CLUSTERS, THUMBNAILS_PER_CHECK, AuditConfig)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Optional, Tuple
 
-from jobs.config import ConfigError
+from bulk_explain.jobs.explain.config import ConfigError
 
 _GATE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 
@@ -50,7 +50,7 @@ def parse_gate(text: str) -> Gate:
     Raises:
         ConfigError: not of that form, or an unknown check name.
     """
-    from jobs.audit.checks import check_names
+    from bulk_explain.jobs.audit.checks import check_names
 
     m = _GATE.match(str(text))
     if not m:
@@ -106,7 +106,7 @@ class AuditConfig:
         """
         import os
 
-        from workers.storage import StorageError, normalize_uri
+        from bulk_explain.workers.storage import StorageError, normalize_uri
 
         if self.s3_endpoint_url:
             os.environ["BULK_EXPLAIN_S3_ENDPOINT_URL"] = self.s3_endpoint_url

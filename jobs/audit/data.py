@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.config import ConfigError
-from workers.storage import StorageError, storage_for
+from bulk_explain.jobs.explain.config import ConfigError
+from bulk_explain.workers.storage import StorageError, storage_for
 
 BATCH_ROWS = 65_536
 # The central region for "CAM mass outside the centre": the middle half of each side (a quarter of
@@ -298,6 +298,6 @@ class ManifestReader:
 def label_classes(label_names: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
     """Model class index per folder label (-1 = no class of that name), with the explain job's own
     matching (`cats/` -> `cat`, case-insensitive)."""
-    from workers.shard_worker import resolve_cam_classes
+    from bulk_explain.workers.explain.shard_worker import resolve_cam_classes
 
     return resolve_cam_classes(list(label_names), "label", list(class_names))

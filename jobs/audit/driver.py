@@ -1,7 +1,7 @@
 """The audit driver: read the manifest -> load the baseline -> run every registered check ->
 statuses and gates -> thumbnails -> Parquet tables -> report.html -> summary.json -> history.
 
-    from jobs.audit import AuditConfig, run_audit
+    from bulk_explain.jobs.audit import AuditConfig, run_audit
     result = run_audit(AuditConfig(output="out/", gates=("label_issues<=0.02",)))
     result.exit_code  # 0 every gate passed, 3 a gate failed
 
@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.audit.checks import AuditContext, Finding, all_checks
-from jobs.audit.checks.drift import drift_features
-from jobs.audit.config import AuditConfig
-from jobs.audit.data import ManifestReader
-from jobs.config import ConfigError
-from workers.storage import storage_for
+from bulk_explain.jobs.audit.checks import AuditContext, Finding, all_checks
+from bulk_explain.jobs.audit.checks.drift import drift_features
+from bulk_explain.jobs.audit.config import AuditConfig
+from bulk_explain.jobs.audit.data import ManifestReader
+from bulk_explain.jobs.explain.config import ConfigError
+from bulk_explain.workers.storage import storage_for
 
 FINDINGS_SCHEMA = pa.schema([("check", pa.string()), ("value", pa.float64()), ("threshold", pa.float64()),
                              ("status", pa.string()), ("details", pa.string())])
@@ -299,7 +299,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> AuditResult:
     else:
         full_history = new_history
 
-    from jobs.audit.report import render_report
+    from bulk_explain.jobs.audit.report import render_report
 
     meta = {"audit_id": audit_id, "output": root, "baseline": baseline.audit_id if baseline else None,
             "rows": len(data), "ok": int(data.ok.sum()), "errors": int((~data.ok).sum()),
@@ -309,7 +309,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> AuditResult:
     html = render_report(meta, checks, ctx.results, rows_out, full_history.to_pylist(), thumbs, data)
     storage.write_bytes(storage.join(audit_uri, "report.html"), html.encode("utf-8"))
 
-    from workers.writer import rss_bytes
+    from bulk_explain.workers.explain.writer import rss_bytes
 
     result = AuditResult(audit_id=audit_id, audit_uri=audit_uri, findings=rows_out, failed_gates=failed_gates,
                          baseline=meta["baseline"], rows=len(data), seconds=time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """Backend seam: the few things that differ between Keras backends, one small module per backend.
 
-The compute code (`workers/explain_step.py`, `workers/cam_methods.py`, `workers/filter_vis.py`) is
+The compute code (`workers/explain/explain_step.py`, `workers/explain/cam_methods.py`, `workers/filters/filter_vis.py`) is
 written once with `keras.ops`. What `keras.ops` cannot express is here, behind `Backend`:
 
 * `value_and_grad`: the gradient of a scalar computed from a model's outputs with respect to one of
@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 BACKEND_ENV = "KERAS_BACKEND"
 DEFAULT_BACKEND = "tensorflow"
 # name -> module that registers it (imported lazily: importing the JAX module must not import TF)
-_MODULES = {"tensorflow": "workers.backends.tensorflow", "jax": "workers.backends.jax"}
+_MODULES = {"tensorflow": "bulk_explain.workers.backends.tensorflow", "jax": "bulk_explain.workers.backends.jax"}
 _REGISTRY: Dict[str, type] = {}
 _INSTANCES: Dict[str, "Backend"] = {}
 
@@ -145,7 +145,7 @@ def get_backend(name: Optional[str] = None) -> Backend:
 
     if "keras" not in sys.modules:
         # Keras imports its backend's framework: TensorFlow's C++ start-up lines must not reach stderr.
-        from workers.tf_runtime import import_backend_quietly
+        from bulk_explain.workers.tf_runtime import import_backend_quietly
 
         import_backend_quietly(name)
     import keras

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
-from workers.backends import Backend, register_backend
+from bulk_explain.workers.backends import Backend, register_backend
 
 # JAX's persistent compilation cache: a second process (or run) with the same shapes loads the
 # compiled program instead of compiling it (VGG16's filter ascent: seconds per layer).

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
 
-from workers.backends import Backend, register_backend
-from workers.tf_runtime import import_tensorflow_quietly
+from bulk_explain.workers.backends import Backend, register_backend
+from bulk_explain.workers.tf_runtime import import_tensorflow_quietly
 
 # XLA (`jit_compile=True`) for the explain step and the filter ascent. Measured on the project's
 # 2-core CPU (bench/throughput.py --compare-xla, the cats/dogs net at 150 px, batch 32, one run on a
@@ -24,7 +24,7 @@ class TensorFlowBackend(Backend):
         self.tf = import_tensorflow_quietly()
 
     def configure(self, threads: Optional[int]) -> None:
-        from workers.tf_runtime import configure_tensorflow
+        from bulk_explain.workers.tf_runtime import configure_tensorflow
 
         configure_tensorflow(threads)
 

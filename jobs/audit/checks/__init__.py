@@ -42,10 +42,10 @@ class AuditContext:
     """Inputs of every check.
 
     Attributes:
-        data: `jobs.audit.data.ManifestData` of the audited output.
+        data: `bulk_explain.jobs.audit.data.ManifestData` of the audited output.
         reader: the `ManifestReader` (for the small CAMs, read on demand).
         config: the validated `AuditConfig`.
-        baseline: the baseline audit's population (`jobs.audit.driver.Baseline`) or None.
+        baseline: the baseline audit's population (`bulk_explain.jobs.audit.driver.Baseline`) or None.
         results: findings of the checks that ran before (registry order).
     """
 
@@ -80,7 +80,7 @@ def register_check(cls: Type[Check]) -> Type[Check]:
 
 def _load() -> None:
     # Importing the modules registers their checks.
-    from jobs.audit.checks import (  # noqa: F401
+    from bulk_explain.jobs.audit.checks import (  # noqa: F401
         labels, confidence, balance, drift, cam, strategy, empty)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.audit.checks import AuditContext, Check, Finding, register_check
-from jobs.audit.data import label_classes
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
+from bulk_explain.jobs.audit.data import label_classes
 
 MAX_CLASSES_SHOWN = 30  # the confusion table keeps the most frequent labels/predictions
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
-from jobs.audit.data import CENTRE
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
+from bulk_explain.jobs.audit.data import CENTRE
 
 
 def in_border(x: np.ndarray, y: np.ndarray, border: float) -> np.ndarray:

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
 
 
 @register_check

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from jobs.audit.checks import AuditContext, Check, Finding, register_check
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
 
 SMALL_REFERENCE = 1000
 P_VALUE = 0.05

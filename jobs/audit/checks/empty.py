@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.audit.checks import AuditContext, Check, Finding, register_check
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
 
 LOCALIZING_METHODS = {"gradcam": "layercam or gradcam++", "gradcam++": "layercam", "layercam": "gradcam++"}
 

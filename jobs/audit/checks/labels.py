@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
-from jobs.audit.data import label_classes
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
+from bulk_explain.jobs.audit.data import label_classes
 
 # Above this many labelled rows cleanlab's batched variant bounds memory (its documented regime).
 BATCHED_ABOVE = 1_000_000

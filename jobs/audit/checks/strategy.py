@@ -20,9 +20,9 @@ import warnings
 
 import numpy as np
 
-from jobs.audit.checks import AuditContext, Check, Finding, register_check
-from jobs.audit.checks.cam import in_border
-from jobs.audit.config import MIN_CLUSTER_IMAGES
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
+from bulk_explain.jobs.audit.checks.cam import in_border
+from bulk_explain.jobs.audit.config import MIN_CLUSTER_IMAGES
 
 NEIGHBOURS = 10  # k of the kNN affinity graph (SpRAy uses a kNN graph as well)
 EXAMPLES_PER_CLUSTER = 8

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from workers.filter_vis import contact_sheet, encode_png
+from bulk_explain.workers.filters.filter_vis import contact_sheet, encode_png
 
 
 def conv_kernel(layer) -> Optional[np.ndarray]:

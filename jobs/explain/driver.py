@@ -1,6 +1,6 @@
 """The explain job driver: validate -> plan -> skip committed shards -> repair -> distribute -> summarize.
 
-    from jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
     result = run_explain(ExplainConfig(inputs=("photos/",), output="out/", model=ModelSpec("vgg16")))
 """
 
@@ -16,26 +16,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
-from jobs.config import MAX_REMOVED_SHARE, NON_RESULT_FIELDS, ConfigError, ExplainConfig
-from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
-from jobs.explanations_summary import describe_explanations, summarize_explanations
-from jobs.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, match_previous, plan_changes,
+from bulk_explain.jobs.explain.config import MAX_REMOVED_SHARE, NON_RESULT_FIELDS, ConfigError, ExplainConfig
+from bulk_explain.jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
+from bulk_explain.jobs.explain.explanations_summary import describe_explanations, summarize_explanations
+from bulk_explain.jobs.explain.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan, match_previous, plan_changes,
                        plan_shards, read_plan, write_plan)
-from jobs.progress import Progress
-from jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_json as _read_json,
+from bulk_explain.jobs.progress import Progress
+from bulk_explain.jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_json as _read_json,
                           redacted as _redacted, s3_endpoint, s3_storage_configured, sigterm_raises,
                           worker_env)
-from workers.faults import fault_point
-from workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
-from workers.backends import BackendError, BACKEND_ENV, select_backend
-from workers.layout import OutputLayout
-from workers.environment import EnvironmentProblem
-from workers.labels import LabelMatcher, describe_unmatched
-from workers.lease import LeaseOptions, hold_output_lease
-from workers.models import ModelError
-from workers.storage import IMAGE_EXTENSIONS, StorageError, is_temp_name
-from workers.tf_runtime import VERBOSE_ENV, import_backend_quietly, quiet_console, quiet_warnings, tf_log_level
-from workers.writer import marker_agrees, read_part_commit
+from bulk_explain.workers.faults import fault_point
+from bulk_explain.workers.image_io import MAX_IMAGE_PIXELS, OPENCV_PIXEL_CAP_ENV
+from bulk_explain.workers.backends import BackendError, BACKEND_ENV, select_backend
+from bulk_explain.workers.layout import OutputLayout
+from bulk_explain.workers.environment import EnvironmentProblem
+from bulk_explain.workers.explain.labels import LabelMatcher, describe_unmatched
+from bulk_explain.workers.lease import LeaseOptions, hold_output_lease
+from bulk_explain.workers.models import ModelError
+from bulk_explain.workers.storage import IMAGE_EXTENSIONS, StorageError, is_temp_name
+from bulk_explain.workers.tf_runtime import VERBOSE_ENV, import_backend_quietly, quiet_console, quiet_warnings, tf_log_level
+from bulk_explain.workers.explain.writer import marker_agrees, read_part_commit
 
 
 @dataclasses.dataclass
@@ -110,7 +110,7 @@ def library_versions() -> dict:
     import pyarrow
     import ray
 
-    from workers.backends import get_backend
+    from bulk_explain.workers.backends import get_backend
 
     return {
         "python": platform.python_version(),
@@ -154,8 +154,8 @@ def worker_settings(config: ExplainConfig, activation_layers, target_layer, tf_t
 def inspect_model(config: ExplainConfig) -> dict:
     """Loads the model once in the driver: a bad model is a config error (exit 2) before any
     worker starts, and job.json gets its fingerprint, preprocessing and layers."""
-    from workers.explain_step import ExplainStep
-    from workers.models import load_model
+    from bulk_explain.workers.explain.explain_step import ExplainStep
+    from bulk_explain.workers.models import load_model
 
     with quiet_warnings():
         loaded = load_model(config.model)
@@ -638,7 +638,7 @@ def _show(value) -> str:
 
 def _check_access(config: ExplainConfig) -> None:
     """Credentials, endpoints and output permissions, checked before the model loads (exit 5)."""
-    from workers.storage import storage_for
+    from bulk_explain.workers.storage import storage_for
 
     try:
         for uri in config.inputs:
@@ -708,7 +708,7 @@ class _Workers:
                    "concurrency_groups": {_PROGRESS_GROUP: 1}}
         if shape["num_gpus"] == 0 and shape["count"] > 1:
             options["scheduling_strategy"] = "SPREAD"
-        from workers.shard_worker import ExplainWorker
+        from bulk_explain.workers.explain.shard_worker import ExplainWorker
 
         self.log.message(f"starting {shape['count']} worker(s): {shape['num_cpus']} CPU, {shape['num_gpus']} GPU each")
         self.pool = ActorPool(ExplainWorker, (settings,), shape["count"], options)

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.image_manifest import PLAN_SCHEMA
-from workers.faults import fault_point
-from workers.storage import FileEntry, storage_for
+from bulk_explain.schemas.image_manifest import PLAN_SCHEMA
+from bulk_explain.workers.faults import fault_point
+from bulk_explain.workers.storage import FileEntry, storage_for
 
 _CHUNK = 65_536
 _TEXT = pa.large_string()

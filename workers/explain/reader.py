@@ -19,12 +19,12 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 # image_io first: it sets OpenCV's pixel cap before cv2 is loaded.
-from workers.image_io import (MAX_FILE_BYTES, ImageDecodeError, decode_bgr, display_size, header_size,
+from bulk_explain.workers.image_io import (MAX_FILE_BYTES, ImageDecodeError, decode_bgr, display_size, header_size,
                               image_id, reduced_decode_factor)
 
 import cv2  # noqa: E402  (after image_io on purpose)
-from workers.preprocessing import Preprocessing
-from workers.storage import storage_for
+from bulk_explain.workers.preprocessing import Preprocessing
+from bulk_explain.workers.storage import storage_for
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from workers.labels import LabelMatcher, resolve_cam_classes  # noqa: F401 (resolve_cam_classes: re-exported)
+from bulk_explain.workers.explain.labels import LabelMatcher, resolve_cam_classes  # noqa: F401 (resolve_cam_classes: re-exported)
 # Largest batch tried by `batch_size="auto"` on a GPU (VGG16 at 224 px peaks at 128-256; the
 # lecture's small convnet at 1024).
 MAX_AUTO_BATCH = 1024
@@ -42,21 +42,21 @@ class ExplainWorker:
     """Loads the model once and processes shards.
 
     Args:
-        settings: plain dict built by the driver (see `jobs.driver.worker_settings`).
+        settings: plain dict built by the driver (see `bulk_explain.jobs.explain.driver.worker_settings`).
     """
 
     def __init__(self, settings: dict):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         # KERAS_BACKEND before Keras is imported (the driver also sets it in the actor's env).
-        from workers.backends import get_backend, select_backend
+        from bulk_explain.workers.backends import get_backend, select_backend
 
         select_backend(settings.get("backend"))
         self.backend = get_backend()
         self.backend.configure(settings.get("tf_threads"))
-        from workers.layout import OutputLayout
-        from workers.models import ModelSpec, load_model, with_precision
+        from bulk_explain.workers.layout import OutputLayout
+        from bulk_explain.workers.models import ModelSpec, load_model, with_precision
 
-        from workers.storage import configure_storage
+        from bulk_explain.workers.storage import configure_storage
 
         self.settings = settings
         configure_storage("s3", endpoint_url=settings.get("s3_endpoint_url"))
@@ -82,9 +82,9 @@ class ExplainWorker:
         # Two shards may run at once (actor max_concurrency=2) so one's decode overlaps the other's
         # compute; the compiled step itself runs one batch at a time.
         self.compute_lock = threading.Lock()
-        from workers.reader import ByteBudget
+        from bulk_explain.workers.explain.reader import ByteBudget
 
-        # Decoded images held by this actor, over both shards in flight (see workers/reader.py).
+        # Decoded images held by this actor, over both shards in flight (see workers/explain/reader.py).
         self.byte_budget = ByteBudget(settings.get("max_decoded_bytes") or 2 * 1024**3)
         # Images through compute since start: the driver polls it (`progress`) for progress lines
         # between shard commits.
@@ -106,7 +106,7 @@ class ExplainWorker:
             self._warm()
 
     def _build_step(self, batch_size: int) -> None:
-        from workers.explain_step import ExplainStep
+        from bulk_explain.workers.explain.explain_step import ExplainStep
 
         s = self.settings
         self.step = ExplainStep(
@@ -188,9 +188,9 @@ class ExplainWorker:
         Returns:
             the commit marker dict (shard, rows, ok, error, seconds, ...).
         """
-        from workers.models import ModelError
-        from workers.reader import iter_decoded_batches
-        from workers.writer import ShardWriter
+        from bulk_explain.workers.models import ModelError
+        from bulk_explain.workers.explain.reader import iter_decoded_batches
+        from bulk_explain.workers.explain.writer import ShardWriter
 
         if self.model_mismatch:
             raise ModelError(self.model_mismatch)

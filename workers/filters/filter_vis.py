@@ -24,7 +24,7 @@ default all steps inside one compiled call:
 As in the lecture, the image tensor goes into the feature extractor as it is: no model
 preprocessing (no VGG16 mean subtraction) is applied during the ascent.
 
-The ascent is written with `keras.ops`; its gradient and compile go through `workers.backends`
+The ascent is written with `keras.ops`; its gradient and compile go through `bulk_explain.workers.backends`
 (TensorFlow: GradientTape + tf.function; JAX: stateless_call + jax.value_and_grad + jax.jit).
 
 The steps are unrolled inside one compiled function (a Python loop over a fixed step count): measured
@@ -167,7 +167,7 @@ class AscentResult:
 
 def is_oom(exc: BaseException) -> bool:
     """True if `exc` is the Keras backend's device out-of-memory error."""
-    from workers.backends import get_backend
+    from bulk_explain.workers.backends import get_backend
 
     return get_backend().is_oom(exc)
 
@@ -246,7 +246,7 @@ class FilterAscent:
             return fn
         from keras import ops
 
-        from workers.backends import get_backend
+        from bulk_explain.workers.backends import get_backend
 
         backend = get_backend()
         lr, whole = self.learning_rate, k == self.steps
@@ -278,7 +278,7 @@ class FilterAscent:
     def _loss_function(self, batch: int):
         fn = self._compiled.get((batch, "loss"))
         if fn is None:
-            from workers.backends import get_backend
+            from bulk_explain.workers.backends import get_backend
 
             fn = get_backend().compile(self._loss, [self.extractor])
             self._compiled[(batch, "loss")] = fn

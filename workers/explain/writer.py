@@ -27,12 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
-from workers import image_io
-from workers.faults import fault_point
-from workers.labels import LabelMatcher
-from workers.layout import OutputLayout
-from workers.reader import DecodedImage
+from bulk_explain.schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
+from bulk_explain.workers import image_io
+from bulk_explain.workers.faults import fault_point
+from bulk_explain.workers.explain.labels import LabelMatcher
+from bulk_explain.workers.layout import OutputLayout
+from bulk_explain.workers.explain.reader import DecodedImage
 
 
 # Keys of a part's Parquet key-value metadata that tie it to its commit marker.

@@ -1,14 +1,14 @@
 """The `filters` job kind: every filter of the chosen conv layers visualized by the lecture's
 gradient ascent, batched and spread over Ray workers, plus filter-weight plots.
 
-    jobs.filters_job.run_filters(FiltersConfig(output="vis/", model=ModelSpec("vgg16")))
+    bulk_explain.jobs.filters.job.run_filters(FiltersConfig(output="vis/", model=ModelSpec("vgg16")))
     bulk-explain filters --model vgg16 --weights imagenet --output vis/
 
 Stages (the same seams as the image job):
   plan      the driver loads the model once, resolves the layers and cuts each layer's filters into
             units (layer, filter range) of `filters_per_unit`; unit ids are deterministic.
   compute   `FilterWorker.process(unit)`: start noise per filter, one compiled ascent call per
-            batch of filters (workers/filter_vis.py), batch size measured per layer on a CPU and
+            batch of filters (workers/filters/filter_vis.py), batch size measured per layer on a CPU and
             maxed (halved on out-of-memory) on a GPU.
   write     per filter a PNG, per unit a manifest part, then the unit's commit marker (last).
   distribute  jobs/distribute.py's actor pool (embedded Ray by default, `--address auto` for a
@@ -49,10 +49,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_json, redacted, s3_endpoint,
+from bulk_explain.jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_json, redacted, s3_endpoint,
                           s3_storage_configured, sigterm_raises, worker_env)
-from workers.faults import fault_point
-from workers.models import ModelError, ModelSpec, model_kinds
+from bulk_explain.workers.faults import fault_point
+from bulk_explain.workers.models import ModelError, ModelSpec, model_kinds
 
 ALGORITHM = "lecture-gradient-ascent/1"
 DEFAULT_FILTERS_PER_UNIT = 64
@@ -79,7 +79,7 @@ class FiltersConfig:
 
     Attributes:
         output: local folder or s3:// prefix (outputs under DST/filters and DST/weights).
-        model: the model (see workers.models.ModelSpec); vgg16 is built as its conv base
+        model: the model (see bulk_explain.workers.models.ModelSpec); vgg16 is built as its conv base
             (include_top=False) at `size`, since the classifier top plays no part.
         layers: layer names; None = every Conv2D layer.
         steps, learning_rate: gradient ascent steps and step length (lecture: 30, 10).
@@ -117,7 +117,7 @@ class FiltersConfig:
     def validated(self) -> "FiltersConfig":
         """A normalized copy (absolute paths, layers as a tuple) after every check that needs no
         model. Raises FiltersConfigError with a one-line reason."""
-        from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
+        from bulk_explain.workers.storage import StorageError, normalize_uri, scheme_of, storage_for
 
         if not isinstance(self.output, str) or not self.output.strip():
             raise FiltersConfigError("--output is required")
@@ -130,7 +130,7 @@ class FiltersConfig:
             raise FiltersConfigError(f"output exists and is not a folder: {output}")
         m = self.model
         if not isinstance(m, ModelSpec):
-            raise FiltersConfigError("model must be a workers.models.ModelSpec")
+            raise FiltersConfigError("model must be a bulk_explain.workers.models.ModelSpec")
         if m.kind not in model_kinds():
             raise FiltersConfigError(f"unknown model {m.kind!r}; expected one of {', '.join(model_kinds())}")
         if m.model_file and scheme_of(m.model_file) == "file" and not os.path.isfile(m.model_file):
@@ -266,7 +266,7 @@ def _vgg16_conv_base(spec: ModelSpec, size: int):
     """VGG16 without its classifier top, at `size` px; conv weights from spec.weights."""
     import keras
 
-    from workers.models import load_model_file
+    from bulk_explain.workers.models import load_model_file
 
     shape = (size, size, 3)
     try:
@@ -307,8 +307,8 @@ def load_filters_model(spec: ModelSpec, size: Optional[int]):
 
     Returns (LoadedModel, size). Raises ModelError (a ValueError) with a one-line reason.
     """
-    from workers.models import _BUILDERS, LoadedModel, _input_hw
-    from workers.preprocessing import Preprocessing
+    from bulk_explain.workers.models import _BUILDERS, LoadedModel, _input_hw
+    from bulk_explain.workers.preprocessing import Preprocessing
 
     if spec.kind == "vgg16":
         s = size or 150
@@ -448,13 +448,13 @@ class FilterWorker:
 
     def __init__(self, settings: dict, loaded=None):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from workers.storage import storage_for
-        from workers.tf_runtime import configure_tensorflow
+        from bulk_explain.workers.storage import storage_for
+        from bulk_explain.workers.tf_runtime import configure_tensorflow
 
         configure_tensorflow(settings.get("tf_threads"))
         import tensorflow as tf
 
-        from workers.storage import configure_storage
+        from bulk_explain.workers.storage import configure_storage
 
         configure_storage("s3", endpoint_url=settings.get("s3_endpoint_url"))
         self.settings = settings
@@ -479,7 +479,7 @@ class FilterWorker:
         return {"pid": os.getpid(), "gpu": self.gpu}
 
     def ascent(self, layer: str):
-        from workers.filter_vis import FilterAscent
+        from bulk_explain.workers.filters.filter_vis import FilterAscent
 
         if layer not in self._ascents:
             s = self.settings
@@ -492,8 +492,8 @@ class FilterWorker:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from schemas.filter_manifest import FILTER_MANIFEST_SCHEMA
-        from workers.filter_vis import deprocess_image, encode_png, start_noise
+        from bulk_explain.schemas.filter_manifest import FILTER_MANIFEST_SCHEMA
+        from bulk_explain.workers.filters.filter_vis import deprocess_image, encode_png, start_noise
 
         s = self.settings
         t0 = time.perf_counter()
@@ -652,7 +652,7 @@ def _run_units(config: FiltersConfig, settings: dict, todo: List[Dict], key: str
                result: FiltersResult, log: _Log) -> None:
     import ray
 
-    from jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
+    from bulk_explain.jobs.distribute import ActorPool, cluster_resources, connect, plan_workers
 
     started, pool = False, None
     try:
@@ -703,7 +703,7 @@ def _run_units(config: FiltersConfig, settings: dict, todo: List[Dict], key: str
 
 
 def _write_contact_sheet(storage, layout: FiltersLayout, layer: str, n: int, columns: int) -> str:
-    from workers.filter_vis import contact_sheet, decode_png, encode_png
+    from bulk_explain.workers.filters.filter_vis import contact_sheet, decode_png, encode_png
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         tiles = list(pool.map(lambda i: decode_png(storage.read_bytes(layout.image(layer, i))), range(n)))
@@ -739,7 +739,7 @@ def run_filters(config: FiltersConfig, lease=None) -> FiltersResult:
     Raises FiltersConfigError / ModelError (ValueErrors) for a bad config or model before any Ray
     work starts, OutputBusy when another run holds the output; KeyboardInterrupt / JobInterrupted
     (SIGTERM, exit 143) with committed units kept."""
-    from workers.lease import hold_output_lease
+    from bulk_explain.workers.lease import hold_output_lease
 
     with sigterm_raises(), s3_storage_configured(config.s3_endpoint_url):
         config = config.validated()
@@ -751,8 +751,8 @@ def _run_filters(config: FiltersConfig) -> FiltersResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workers.filter_weights import write_weight_plots
-    from workers.storage import storage_for
+    from bulk_explain.workers.filters.filter_weights import write_weight_plots
+    from bulk_explain.workers.storage import storage_for
 
     t0 = time.perf_counter()
     config = config.validated()
@@ -835,7 +835,7 @@ def _run_filters(config: FiltersConfig) -> FiltersResult:
             uri = _write_contact_sheet(storage, layout, layer, filters[layer], config.sheet_columns)
             storage.write_bytes(layout.marker(key, name), json.dumps({"uri": uri}).encode())
 
-    from schemas.filter_manifest import FILTER_MANIFEST_SCHEMA
+    from bulk_explain.schemas.filter_manifest import FILTER_MANIFEST_SCHEMA
 
     table = pa.concat_tables(parts) if parts else FILTER_MANIFEST_SCHEMA.empty_table()
     table = table.replace_schema_metadata(FILTER_MANIFEST_SCHEMA.metadata)
@@ -890,6 +890,6 @@ def _run_filters(config: FiltersConfig) -> FiltersResult:
 
 
 def _crop(size: int) -> int:
-    from workers.filter_vis import crop_for_size
+    from bulk_explain.workers.filters.filter_vis import crop_for_size
 
     return crop_for_size(size)

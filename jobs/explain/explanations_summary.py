@@ -16,10 +16,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from workers.cam_methods import cam_method, parse_methods
-from workers.faithfulness import ROAD_FRACTIONS, FaithfulnessEvaluator, mean_interval
-from workers.layout import OutputLayout
-from workers.storage import is_temp_name
+from bulk_explain.workers.explain.cam_methods import cam_method, parse_methods
+from bulk_explain.workers.explain.faithfulness import ROAD_FRACTIONS, FaithfulnessEvaluator, mean_interval
+from bulk_explain.workers.layout import OutputLayout
+from bulk_explain.workers.storage import is_temp_name
 
 # Per-class detail for at most this many classes (the most frequent explained classes), so an
 # ImageNet-sized label set does not turn summary.json into megabytes.

@@ -4,7 +4,7 @@ For a fixed-shape uint8 batch it returns, per image: class probabilities' top-k,
 class, the class-activation map of the explained class at the target layer's resolution, and
 activation statistics (mean, std, max, zero_fraction) of every summarized layer, all reduced in
 the graph so only small arrays cross back to Python. The step is written with `keras.ops`; the
-gradient and the compile go through `workers.backends`. Under a mixed precision policy the model
+gradient and the compile go through `bulk_explain.workers.backends`. Under a mixed precision policy the model
 runs in bfloat16/float16 and everything reported (probabilities, CAM, statistics) is float32.
 """
 
@@ -14,9 +14,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from workers.cam_methods import ModelContext, cam_method, parse_methods
-from workers.faithfulness import DEFAULT_STEPS, FaithfulnessEvaluator
-from workers.models import LoadedModel, ModelError
+from bulk_explain.workers.explain.cam_methods import ModelContext, cam_method, parse_methods
+from bulk_explain.workers.explain.faithfulness import DEFAULT_STEPS, FaithfulnessEvaluator
+from bulk_explain.workers.models import LoadedModel, ModelError
 
 CAM_SCORES = ("logit", "probability")
 
@@ -103,7 +103,7 @@ class ExplainStep:
         top_k: how many classes to report per image.
         jit_compile: TensorFlow only: XLA-compile the step (None: the backend's measured default).
         metrics: faithfulness metrics per method ("deletion", "insertion", "road"); see
-            `workers/faithfulness.py`.
+            `workers/explain/faithfulness.py`.
         metric_steps: deletion / insertion steps.
         scorecam_channels: Score-CAM's cap on scored channels (None = its default, 0 = all).
 
@@ -125,7 +125,7 @@ class ExplainStep:
         metric_steps: int = DEFAULT_STEPS,
         scorecam_channels: Optional[int] = None,
     ):
-        from workers.backends import get_backend
+        from bulk_explain.workers.backends import get_backend
 
         if cam_score not in CAM_SCORES:
             raise ValueError(f"cam_score must be one of {CAM_SCORES}, received {cam_score!r}")

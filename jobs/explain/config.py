@@ -9,11 +9,11 @@ import json
 import os
 from typing import Optional, Tuple, Union
 
-from workers.models import WEIGHTS_FROM_MODEL_FILE, ModelSpec, model_kinds
-from workers.cam_methods import parse_methods
-from workers.faithfulness import DEFAULT_STEPS, parse_metrics
-from workers.preprocessing import INTERPOLATIONS, SCALINGS
-from workers.storage import StorageError, normalize_uri, scheme_of, storage_for
+from bulk_explain.workers.models import WEIGHTS_FROM_MODEL_FILE, ModelSpec, model_kinds
+from bulk_explain.workers.explain.cam_methods import parse_methods
+from bulk_explain.workers.explain.faithfulness import DEFAULT_STEPS, parse_metrics
+from bulk_explain.workers.preprocessing import INTERPOLATIONS, SCALINGS
+from bulk_explain.workers.storage import StorageError, normalize_uri, scheme_of, storage_for
 
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_BATCH_SIZE = 32
@@ -49,7 +49,7 @@ class ExplainConfig:
     Attributes:
         inputs: local folders or s3:// prefixes, scanned recursively for images.
         output: local folder or s3:// prefix for outputs and manifests.
-        model: which model and weights (see `workers.models.ModelSpec`).
+        model: which model and weights (see `bulk_explain.workers.models.ModelSpec`).
         batch_size: images per compiled step (fixed shape; the tail is padded), or "auto": on a GPU
             the largest power of two that fits, found when the worker starts; on a CPU 32.
         shard_size: images per shard, the unit of work and of commit.
@@ -80,7 +80,7 @@ class ExplainConfig:
         strict_labels: with cam_class "label", a folder label that names no class is an error
             (otherwise a warning, and those images explain the predicted class).
         limit: process only the first N inputs of the sorted listing (trying settings); inputs an
-            earlier run in the same output planned stay in the plan (see `jobs.driver`).
+            earlier run in the same output planned stay in the plan (see `bulk_explain.jobs.explain.driver`).
         backend: Keras backend of the driver and every worker: "tensorflow" or "jax".
         precision: Keras dtype policy of the model: "float32", "mixed_bfloat16", "mixed_float16";
             probabilities, CAMs and statistics are computed in float32 either way.

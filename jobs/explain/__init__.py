@@ -1,0 +1,1 @@
+"""The explain job kind, driver side: config, input plan, driver, explanation summaries."""

@@ -1,0 +1,1 @@
+"""The filters job kind, driver side."""

@@ -1,0 +1,1 @@
+"""The explain job kind, actor side: read, compute (explain step, CAM methods, metrics), write."""

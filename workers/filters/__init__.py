@@ -1,0 +1,1 @@
+"""The filters job kind, actor side: gradient ascent, weight plots."""
