@@ -35,8 +35,14 @@ def test_every_package_folder_is_installed():
 def test_wheel_installs_one_namespace_and_runs(tmp_path):
     """A non-editable build: every module lands under bulk_explain/, nothing at the top level, and
     the unpacked wheel runs `python -m bulk_explain` from a folder that is not the checkout."""
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info/ into its source
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO, name), source / name)
+    for folder in MAPPED.values():
+        shutil.copytree(os.path.join(REPO, folder), source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), REPO], check=True, capture_output=True, timeout=300)
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = glob.glob(str(tmp_path / "dist" / "*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
