@@ -62,7 +62,7 @@ def setup(n: int, out: str) -> None:
 
     from bulk_explain.jobs.explain.plan import list_inputs, make_plan, plan_shards, write_plan
     from bulk_explain.schemas.image_manifest import IMAGE_MANIFEST_SCHEMA
-    from bulk_explain.workers.explain import writer
+    from bulk_explain.workers import commit
     from bulk_explain.workers.layout import OutputLayout
 
     _register(n)
@@ -76,9 +76,9 @@ def setup(n: int, out: str) -> None:
     empty = IMAGE_MANIFEST_SCHEMA.empty_table()
     for i, shard in enumerate(plan_shards(plan)):
         attempt = f"{i:032x}"
-        meta = {**IMAGE_MANIFEST_SCHEMA.metadata, writer.PART_SHARD: str(shard.shard),
-                writer.PART_CONTENT_HASH: shard.content_hash, writer.PART_ATTEMPT: attempt,
-                writer.PART_FINGERPRINT: fingerprint}
+        meta = {**IMAGE_MANIFEST_SCHEMA.metadata, commit.PART_SHARD: str(shard.shard),
+                commit.PART_CONTENT_HASH: shard.content_hash, commit.PART_ATTEMPT: attempt,
+                commit.PART_FINGERPRINT: fingerprint}
         buf = io.BytesIO()
         pq.write_table(empty.replace_schema_metadata(meta), buf)
         with open(layout.manifest_part(shard.shard), "wb") as f:
@@ -98,6 +98,7 @@ def measure(n: int, out: str) -> dict:
     """What the driver does before Ray when nothing is to be done; returns RSS numbers (MiB)."""
     import pyarrow  # noqa: F401  (imports counted in the baseline)
 
+    from bulk_explain.jobs import units
     from bulk_explain.jobs.explain import driver
     from bulk_explain.jobs.explain.plan import write_plan
     from bulk_explain.workers.layout import OutputLayout
@@ -107,14 +108,14 @@ def measure(n: int, out: str) -> dict:
     layout = OutputLayout(out)
     base = _rss_mb()
     t0 = time.perf_counter()
-    planned = driver.plan_job(config, layout, config.result_fingerprint())
-    result = driver.JobResult(output=out)
-    driver._repair(layout, planned.files, {t.shard for t in planned.shards}, planned.todo,
-                   planned.roll_forward, planned.found, planned.markers, result)
+    planned = driver.plan_inputs(config, layout)  # the runner's steps, without Ray (nothing to do)
+    files = units.existing_files(layout)
+    sorted_units = units.sort_units(layout, planned.shards, files, config.result_fingerprint())
+    units.repair(layout, files, (t.shard for t in planned.shards), sorted_units)
     write_plan(planned.plan, layout.plan)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    assert not planned.todo and len(planned.markers) == len(planned.shards), "expected nothing to do"
+    assert not sorted_units.todo and len(sorted_units.committed) == len(planned.shards), "expected nothing to do"
     return {"inputs": n, "shards": len(planned.shards), "baseline_mib": round(base, 1),
             "peak_mib": round(peak, 1), "peak_minus_baseline_mib": round(peak - base, 1),
             "plan_arrow_mib": round(planned.plan.nbytes / 2**20, 1), "seconds": round(seconds, 1)}

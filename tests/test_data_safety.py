@@ -62,7 +62,7 @@ def _rows(out):
 def _assert_consistent(out, inputs):
     """Exactly once, every visible part is the part its marker committed, every referenced image
     file exists and no staged part is left."""
-    from bulk_explain.workers.explain.writer import marker_agrees, read_part_commit
+    from bulk_explain.workers.commit import marker_agrees, read_part_commit
     from bulk_explain.workers.storage import LocalStorage
 
     rows = _rows(out)
@@ -384,7 +384,7 @@ def test_worker_read_ahead_is_bounded_by_decoded_bytes(tmp_path):
 
 def test_part_footer_is_read_with_a_ranged_get_on_s3(s3_bucket, s3_endpoint):
     from bulk_explain.workers.storage_s3 import S3Storage
-    from bulk_explain.workers.explain.writer import PART_ATTEMPT, PART_CONTENT_HASH, PART_SHARD, read_part_commit
+    from bulk_explain.workers.commit import PART_ATTEMPT, PART_CONTENT_HASH, PART_SHARD, read_part_commit
 
     storage = S3Storage()
     table = pa.table({"x": pa.array(np.arange(200_000))})  # a part much larger than its footer

@@ -72,7 +72,7 @@ def test_read_json_missing_is_none_and_every_other_error_raises(tmp_path):
 
 
 def test_unreadable_marker_fails_both_job_kinds_instead_of_recomputing(tmp_path):
-    from bulk_explain.jobs.explain.driver import _read_markers
+    from bulk_explain.jobs.units import read_markers as _read_markers
     from bulk_explain.jobs.filters.job import FiltersLayout, _committed
     from bulk_explain.workers.layout import OutputLayout
 

@@ -33,10 +33,20 @@ def _method_suffix(method: str) -> str:
     return "-" + safe
 
 
-class OutputLayout:
-    def __init__(self, output: str):
-        self.output = output.rstrip("/") if "://" in output else output
-        self.storage = storage_for(output)
+class CommitLayout:
+    """The files of the commit protocol under `root` (`bulk_explain.workers.commit`), the same for
+    every job kind: parts in `parts_folder/`, markers in `_commits/`, staged parts in `_staging/`,
+    named `shard-NNNNN.*` by unit id; plus the kind's `job.json` and `summary.json`.
+
+    Args:
+        root: the kind's output folder or s3:// prefix.
+    """
+
+    parts_folder = "manifest"
+
+    def __init__(self, root: str):
+        self.output = root.rstrip("/") if "://" in root else root
+        self.storage = storage_for(root)
 
     def _join(self, *parts: str) -> str:
         return self.storage.join(self.output, *parts)
@@ -50,12 +60,9 @@ class OutputLayout:
         return self._join("summary.json")
 
     @property
-    def plan(self) -> str:
-        return self._join("plan.parquet")
-
-    @property
     def manifest_dir(self) -> str:
-        return self._join("manifest")
+        """Where published parts live (explain: the visible `manifest/`)."""
+        return self._join(self.parts_folder)
 
     @property
     def commits_dir(self) -> str:
@@ -66,18 +73,37 @@ class OutputLayout:
         return self._join("_staging")
 
     def manifest_part(self, shard: int) -> str:
-        """The visible part: present only for committed shards (see ARCHITECTURE.md, Output protocol)."""
+        """The published part: present only for committed units (see ARCHITECTURE.md, Output protocol)."""
         _check_ids(shard)
-        return self._join("manifest", f"shard-{shard:05d}.parquet")
+        return self._join(self.parts_folder, f"shard-{shard:05d}.parquet")
 
     def staged_part(self, shard: int) -> str:
-        """Where a worker writes the part before it commits; outside manifest/, so no reader sees it."""
+        """Where a worker writes the part before it commits; no reader looks there."""
         _check_ids(shard)
         return self._join("_staging", f"shard-{shard:05d}.parquet")
 
     def commit_marker(self, shard: int) -> str:
         _check_ids(shard)
         return self._join("_commits", f"shard-{shard:05d}.json")
+
+    def shard_image_dirs(self, shard: int):
+        """Folders holding only this unit's files, emptied when the unit leaves the plan."""
+        return []
+
+    @staticmethod
+    def shard_of(name: str):
+        """Unit id of a part or commit marker file name, or None."""
+        m = _PART.match(name.rsplit("/", 1)[-1])
+        return int(m.group(1)) if m else None
+
+
+class OutputLayout(CommitLayout):
+    """The explain kind's output: the commit protocol's files at DST's top, `plan.parquet`, and the
+    per-image outputs in per-shard folders."""
+
+    @property
+    def plan(self) -> str:
+        return self._join("plan.parquet")
 
     def shard_image_dirs(self, shard: int):
         """Folders holding the shard's per-image outputs (overlays, heatmaps, channel grids)."""
@@ -100,9 +126,3 @@ class OutputLayout:
     def activation_grid(self, shard: int, position: int, image_id: str, layer_index: int, layer: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
         return self._join("grids", *self._stem(shard, position, image_id).split("/"), f"{layer_index:02d}-{safe}.png")
-
-    @staticmethod
-    def shard_of(name: str):
-        """Shard id of a manifest part or commit marker file name, or None."""
-        m = _PART.match(name.rsplit("/", 1)[-1])
-        return int(m.group(1)) if m else None

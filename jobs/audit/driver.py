@@ -309,7 +309,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> AuditResult:
     html = render_report(meta, checks, ctx.results, rows_out, full_history.to_pylist(), thumbs, data)
     storage.write_bytes(storage.join(audit_uri, "report.html"), html.encode("utf-8"))
 
-    from bulk_explain.workers.explain.writer import rss_bytes
+    from bulk_explain.workers.commit import rss_bytes
 
     result = AuditResult(audit_id=audit_id, audit_uri=audit_uri, findings=rows_out, failed_gates=failed_gates,
                          baseline=meta["baseline"], rows=len(data), seconds=time.perf_counter() - t0)

@@ -1,84 +1,23 @@
-"""The write stage: heatmaps, overlays and channel grids encoded and written in a thread pool
-behind compute; then the shard's commit: staged part, commit marker, published part.
-
-Commit protocol (ARCHITECTURE.md, "Output protocol"): the part is first written to
-`_staging/shard-N.parquet` (outside `manifest/`, invisible to every reader), then the commit marker
-`_commits/shard-N.json` is written (the commit point), then the same bytes are written to
-`manifest/shard-N.parquet` (one atomic write: temp + rename locally, one PUT on S3) and the staged
-copy is deleted. A crash before the marker leaves nothing visible; a crash after it leaves a
-committed shard that the next run publishes from `_staging/` ("roll forward").
-
-Every commit is one attempt with its own id (a uuid): the part's Parquet metadata carries the
-shard, its content hash and the attempt id, and the marker names the same attempt. A marker and a
-part that disagree (two runs interleaved on one output, a part copied from elsewhere) are not a
-commit; the driver redoes such a shard (`read_part_commit`).
+"""The write stage of the explain kind: heatmaps, overlays and channel grids encoded and written
+in a thread pool behind compute; then the shard's commit through the shared protocol
+(`bulk_explain.workers.commit`: staged part `_staging/shard-N.parquet`, marker
+`_commits/shard-N.json`, published part `manifest/shard-N.parquet`), then orphaned image files of
+earlier attempts deleted.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import time
-import uuid
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bulk_explain.schemas.image_manifest import CAM_SMALL_SIZE, IMAGE_MANIFEST_SCHEMA
 from bulk_explain.workers import image_io
-from bulk_explain.workers.faults import fault_point
+from bulk_explain.workers.commit import commit_unit
 from bulk_explain.workers.explain.labels import LabelMatcher
 from bulk_explain.workers.layout import OutputLayout
 from bulk_explain.workers.explain.reader import DecodedImage
-
-
-# Keys of a part's Parquet key-value metadata that tie it to its commit marker.
-PART_SHARD = "bulk_explain.shard"
-PART_CONTENT_HASH = "bulk_explain.content_hash"
-PART_ATTEMPT = "bulk_explain.attempt_id"
-PART_FINGERPRINT = "bulk_explain.result_fingerprint"
-_FOOTER_READ = 64 * 1024
-
-
-class CommitConflict(RuntimeError):
-    """Another attempt replaced or withdrew this attempt's commit marker before it was published
-    (two runs on one output); the shard is retried instead of publishing a part that disagrees."""
-
-
-def read_part_commit(storage, uri: str) -> Optional[dict]:
-    """The commit identity a part carries in its footer: {"shard", "content_hash", "attempt_id",
-    "result_fingerprint"}, or None when the file is missing, not Parquet or has none.
-
-    Reads only the footer (one ranged read of the last 64 KiB, a second one for a larger footer),
-    never the data pages.
-    """
-    try:
-        tail = storage.read_tail(uri, _FOOTER_READ)
-        if len(tail) < 12 or tail[-4:] != b"PAR1":
-            return None
-        size = int.from_bytes(tail[-8:-4], "little") + 8
-        if size > len(tail):
-            tail = storage.read_tail(uri, size)
-            if len(tail) < size:
-                return None
-        # The footer alone parses as a file that starts with the magic bytes.
-        meta = pq.read_metadata(io.BytesIO(b"PAR1" + tail[-size:])).metadata or {}
-    except (OSError, pa.ArrowException, ValueError):
-        return None
-    keys = {"shard": PART_SHARD, "content_hash": PART_CONTENT_HASH, "attempt_id": PART_ATTEMPT,
-            "result_fingerprint": PART_FINGERPRINT}
-    info = {name: meta.get(key.encode(), b"").decode() or None for name, key in keys.items()}
-    return info if info["attempt_id"] else None
-
-
-def marker_agrees(marker: dict, part: Optional[dict]) -> bool:
-    """True when `part` (from `read_part_commit`) is the part `marker` committed."""
-    return bool(part and marker.get("attempt_id") and part["attempt_id"] == marker["attempt_id"]
-                and part["content_hash"] == marker.get("content_hash")
-                and part["shard"] == str(marker.get("shard")))
 
 
 def base_row(item: DecodedImage, shard: int) -> dict:
@@ -226,59 +165,22 @@ class ShardWriter:
         return entries
 
     def commit(self, rows: List[dict], content_hash: str, seconds: float, result_fingerprint: str) -> dict:
-        """Stages the manifest part, writes the commit marker, publishes the part, then deletes
-        per-image files of earlier attempts that no row references.
+        """Commits the shard (`bulk_explain.workers.commit.commit_unit`: staged part, marker,
+        published part), then deletes per-image files of earlier attempts that no row references.
 
         Raises:
             CommitConflict: the marker was replaced or withdrawn by another run before publishing.
         """
-        attempt_id = uuid.uuid4().hex
-        schema = IMAGE_MANIFEST_SCHEMA.with_metadata({
-            **IMAGE_MANIFEST_SCHEMA.metadata, PART_SHARD: str(self.shard), PART_CONTENT_HASH: content_hash,
-            PART_ATTEMPT: attempt_id, PART_FINGERPRINT: result_fingerprint})
-        table = pa.Table.from_pylist(rows, schema=schema)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        data = buf.getvalue()
-        staged = self.layout.staged_part(self.shard)
-        fault_point("before_stage", self.shard)
-        self.storage.write_bytes(staged, data)
-        fault_point("after_stage", self.shard)
+        table = pa.Table.from_pylist(rows, schema=IMAGE_MANIFEST_SCHEMA)
         ok = sum(1 for r in rows if r["status"] == "ok")
-        marker = {
-            "shard": self.shard,
-            "rows": len(rows),
+        marker = commit_unit(self.layout, self.shard, table, content_hash, result_fingerprint, {
             "ok": ok,
             "error": len(rows) - ok,
             "empty_maps": sum(1 for r in rows if r.get("cam_empty")),
-            "content_hash": content_hash,
-            "attempt_id": attempt_id,
-            "result_fingerprint": result_fingerprint,
             "seconds": round(seconds, 3),
-            "committed_at": time.time(),
-            "worker_pid": os.getpid(),
-            "worker_rss_bytes": rss_bytes(),
-        }
-        self.storage.write_bytes(self.layout.commit_marker(self.shard), json.dumps(marker).encode())
-        fault_point("after_marker", self.shard)
-        # Publish only while the marker is still ours: a run that redid this shard meanwhile owns
-        # it now (narrows the window; the driver's marker/part check is what guarantees).
-        self._check_marker(attempt_id)
-        self.storage.write_bytes(self.layout.manifest_part(self.shard), data)
-        self.storage.delete(staged)
-        fault_point("after_publish", self.shard)
-        self._check_marker(attempt_id)
+        })
         self.delete_orphans(rows)
         return marker
-
-    def _check_marker(self, attempt_id: str) -> None:
-        try:
-            current = json.loads(self.storage.read_bytes(self.layout.commit_marker(self.shard)))
-        except (OSError, ValueError):
-            current = None
-        if not isinstance(current, dict) or current.get("attempt_id") != attempt_id:
-            raise CommitConflict(f"shard {self.shard} was redone by another run while this one committed "
-                                 "it (two jobs on one output?); retrying")
 
     def delete_orphans(self, rows: List[dict]) -> int:
         """Deletes files in this shard's image folders that no row references: outputs of an
@@ -304,14 +206,3 @@ def cam_spread(cam_full: np.ndarray) -> Optional[float]:
     if not peak > 0.0:
         return None
     return float(np.count_nonzero(cam_full > 0.5 * peak)) / cam_full.size
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc), else the peak from getrusage."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
