@@ -42,7 +42,7 @@ def connect(address: Optional[str]) -> bool:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as exc:
-            from bulk_explain.jobs.explain.config import ConfigError
+            from bulk_explain.jobs.validation import ConfigError
 
             hint = ""
             if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":

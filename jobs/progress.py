@@ -32,10 +32,13 @@ class Progress:
         enabled: print at all.
         stream: where to print (stderr).
         interval: least seconds between two batch-progress lines.
+        items, unit: what the kind computes and commits ("images" in "shards", "filters" in "units").
     """
 
     def __init__(self, total_shards: int, skipped: int, images_todo: int, enabled: bool = True, stream=None,
-                 interval: float = 5.0):
+                 interval: float = 5.0, items: str = "images", unit: str = "shard"):
+        self.items, self.unit = items, unit
+        self.rate_unit = "img/s" if items == "images" else f"{items}/s"
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.interval = interval
@@ -77,9 +80,9 @@ class Progress:
 
     def _status(self, now: float) -> str:
         rate = self.rate(now)
-        head = f"images {self.images_seen}/{self.images_todo}"
+        head = f"{self.items} {self.images_seen}/{self.images_todo}"
         if rate:
-            return f"{head} | {rate:.1f} img/s | ETA {_hms((self.images_todo - self.images_seen) / rate)}"
+            return f"{head} | {rate:.1f} {self.rate_unit} | ETA {_hms((self.images_todo - self.images_seen) / rate)}"
         return head if self.images_seen >= self.images_todo else f"{head} | ETA after the next batch"
 
     # ------------------------------------------------------------------ events
@@ -92,7 +95,7 @@ class Progress:
         self._observe(max(images_computed, self.images_done), now)
         if self.images_seen > before and now - self._last_line >= self.interval:
             self._last_line = now
-            self.message(f"shards {self.done}/{self.total} | {self._status(now)}")
+            self.message(f"{self.unit}s {self.done}/{self.total} | {self._status(now)}")
 
     def shard_done(self, images: int, marker: dict) -> None:
         now = time.perf_counter()
@@ -102,8 +105,8 @@ class Progress:
         self._last_line = now
         errors = f", {marker['error']} error rows" if marker.get("error") else ""
         self.message(
-            f"shards {self.done}/{self.total} | {self._status(now)} "
-            f"(shard {marker['shard']}: {marker['rows']} rows{errors})"
+            f"{self.unit}s {self.done}/{self.total} | {self._status(now)} "
+            f"({self.unit} {marker['shard']}: {marker['rows']} rows{errors})"
         )
 
     def finish(self, result) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import threading
 import time
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
@@ -86,7 +87,7 @@ class UnitJob:
     Class attributes:
         name: the kind (`job.json` "kind", the lease's job name, the CLI sub-command).
         process_method: the worker method called with (unit, *work_args()).
-        unit_noun: what a unit is called in messages ("shard").
+        unit_noun, item_noun: what a unit and what it holds are called in messages ("shard", "images").
 
     Instance attributes the steps set: `config` (validated), `layout` (a CommitLayout, by
     `prepare`), `log` (a `bulk_explain.jobs.progress.Progress`).
@@ -95,12 +96,14 @@ class UnitJob:
     name: ClassVar[str] = ""
     process_method: ClassVar[str] = "process_shard"
     unit_noun: ClassVar[str] = "shard"
+    item_noun: ClassVar[str] = "images"
 
     def __init__(self, config, progress: bool = True):
         from bulk_explain.jobs.progress import Progress
 
         self.config = config
-        self.log = Progress(total_shards=0, skipped=0, images_todo=0, enabled=progress)
+        self.log = Progress(total_shards=0, skipped=0, images_todo=0, enabled=progress, items=self.item_noun,
+                            unit=self.unit_noun)
         self.layout = None
         self.previous: Optional[dict] = None
         self.t0 = time.perf_counter()
@@ -167,6 +170,60 @@ class UnitJob:
 
     def write_json(self, uri: str, value: dict) -> None:
         self.layout.storage.write_bytes(uri, json.dumps(value, indent=2, default=str).encode())
+
+
+_DIFFERENT_RESULTS = ("{output} holds results of a different configuration or model ({what}); "
+                      "use a new --output or pass --overwrite to replace them")
+
+
+def different_results(output: str, what: str) -> str:
+    """The refusal every kind gives for a DST holding other results (the CLI exits 2)."""
+    return _DIFFERENT_RESULTS.format(output=output, what=what)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_difference(previous: dict, config: dict, ignored=(), option_of: Optional[Dict[str, str]] = None) -> str:
+    """Which result-changing settings differ between DST/job.json and this run's config dict, e.g.
+    `--cam-method: gradcam then, layercam now` (at most three, then a count).
+
+    Args:
+        previous: the job.json read from DST.
+        config: this run's config as a (redacted) dict.
+        ignored: top-level fields that do not change results.
+        option_of: dotted field -> option name, where it is not `--field-name`.
+    """
+    option_of = option_of or {}
+    old = dict(previous.get("config") or {})
+    ignored = set(ignored)
+    old_flat = {k: v for k, v in _flat(old).items() if k.split(".")[0] not in ignored}
+    new_flat = {k: v for k, v in _flat(config).items() if k.split(".")[0] not in ignored}
+    diffs = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        a, b = old_flat.get(key), new_flat.get(key)
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            option = option_of.get(key, "--" + key.split(".")[-1].replace("_", "-"))
+            diffs.append(f"{option}: {_show(a)} then, {_show(b)} now")
+    return "; ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") if diffs \
+        else "an earlier version of the settings"
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
 
 
 def run_job(job: UnitJob, lease=None):
@@ -276,8 +333,13 @@ class WorkerPool:
         cls, settings, env, extra = job.worker(shape)
         # Explicit, not through runtime_env (which Ray logs): the endpoint URL may hold userinfo.
         settings = dict(settings, s3_endpoint_url=s3_endpoint(getattr(config, "s3_endpoint_url", None)))
+        from bulk_explain.workers.tf_runtime import VERBOSE_ENV, tf_log_level
+
+        quiet = {"TF_CPP_MIN_LOG_LEVEL": tf_log_level()}
+        if os.environ.get(VERBOSE_ENV):
+            quiet[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
         options = {"num_cpus": shape["num_cpus"], "num_gpus": shape["num_gpus"],
-                   "runtime_env": {"env_vars": worker_env(env)}, **extra}
+                   "runtime_env": {"env_vars": worker_env({**quiet, **env})}, **extra}
         if hasattr(cls, "progress"):  # answers in its own thread while the unit slots are busy
             options["concurrency_groups"] = {_PROGRESS_GROUP: 1}
         count = shape["count"]

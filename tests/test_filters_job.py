@@ -14,24 +14,33 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bulk_explain.jobs.filters import job as filters_job
-from bulk_explain.jobs.filters.job import FiltersConfig, FiltersConfigError, FilterWorker, load_filters_model, run_filters
-from bulk_explain.workers.models import ModelError, ModelSpec
+from bulk_explain.jobs.filters import config as filters_config
+from bulk_explain.jobs.filters.config import FiltersConfig, FiltersConfigError
+from bulk_explain.jobs.filters.driver import run_filters, worker_settings
+from bulk_explain.jobs.filters.plan import plan_units
+from bulk_explain.workers.filters.layout import FiltersLayout
+from bulk_explain.workers.filters.worker import FilterWorker
+from bulk_explain.workers.models import ModelError, ModelSpec, load_feature_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    filters_job.add_arguments(parser)
-    return filters_job.config_from_args(parser.parse_args(argv))
+    filters_config.add_arguments(parser)
+    return filters_config.config_from_args(parser.parse_args(argv))
 
 
 def test_config_from_args_defaults_and_layers(tmp_path):
     config = _parse(["--model", "vgg16", "--weights", "random", "--output", str(tmp_path / "o"),
                      "--layers", "block1_conv1, block2_conv1"])
     assert config.layers == ("block1_conv1", "block2_conv1")
-    assert (config.steps, config.learning_rate, config.seed, config.size) == (30, 10.0, 0, None)
+    assert (config.steps, config.learning_rate, config.noise_seed, config.size) == (30, 10.0, 0, None)
+    # --seed seeds the random weights, as in `bulk-explain run`; --noise-seed the start noise
+    seeded = _parse(["--model", "vgg16", "--weights", "random", "--output", str(tmp_path / "o"), "--seed", "3",
+                     "--noise-seed", "5"])
+    assert (seeded.model.seed, seeded.noise_seed) == (3, 5)
+    assert _parse(["--model", "vgg16", "--output", str(tmp_path), "--model-seed", "4"]).model.seed == 4  # old name
     assert config.output == str(tmp_path / "o") and os.path.isabs(config.output)
     assert _parse(["--model", "vgg16", "--output", str(tmp_path)]).layers is None  # --layers all
 
@@ -81,33 +90,39 @@ def _conv_base_file(path, size=None):
 
 
 def test_conv_base_without_top_loads_and_worker_commits_a_unit(tmp_path):
+    from bulk_explain.workers.commit import marker_agrees, read_part_commit
+
     model_file = _conv_base_file(tmp_path / "base.keras")
     spec = ModelSpec(kind="keras", model_file=model_file)
-    loaded, size = load_filters_model(spec, 40)
+    loaded, size = load_feature_model(spec, 40)
     assert size == 40 and len(loaded.model.outputs[0].shape) == 4  # no classifier: accepted
-    assert filters_job.resolve_layers(loaded.model, None) == ["first", "second"]
+    assert loaded.resolve_layers(None) == ["first", "second"]
     with pytest.raises(ModelError, match="no layer 'nope'"):
-        filters_job.resolve_layers(loaded.model, ["nope"])
+        loaded.resolve_layers(["nope"])
 
     config = FiltersConfig(output=str(tmp_path / "out"), model=spec, size=40, steps=4).validated()
-    settings = filters_job.worker_settings(config, 40, loaded.fingerprint())
+    key = "ab" * 8
+    settings = worker_settings(config, 40, loaded.fingerprint(), key)
     worker = FilterWorker(settings)  # loads the model itself and checks the fingerprint
-    unit = {"id": filters_job.unit_id("second", 2, 7), "layer": "second", "start": 2, "stop": 7}
-    marker = worker.process(unit, "k1")
-    assert marker["rows"] == 5
-    layout = filters_job.FiltersLayout(config.output, worker.storage)
-    assert os.path.exists(layout.marker("k1", unit["id"]))
-    part = pq.read_table(layout.part("k1", unit["id"]))
-    assert part.column("filter_index").to_pylist() == [2, 3, 4, 5, 6]
+    unit = plan_units(["first", "second"], {"first": 6, "second": 10}, 5, key)[3]
+    assert (unit.shard, unit.layer, unit.start, unit.stop) == (3, "second", 5, 10)
+    marker = worker.process(unit, "f" * 64)
+    assert marker["rows"] == 5 and marker["content_hash"] == unit.content_hash
+    layout = FiltersLayout(config.output)
+    # the shared commit protocol: marker, then the part published with the marker's attempt in its footer
+    assert os.path.exists(layout.commit_marker(3)) and not os.path.exists(layout.staged_part(3))
+    assert marker_agrees(marker, read_part_commit(layout.storage, layout.manifest_part(3)))
+    part = pq.read_table(layout.manifest_part(3))
+    assert part.column("filter_index").to_pylist() == [5, 6, 7, 8, 9]
     for uri in part.column("image_uri").to_pylist():
-        assert os.path.exists(uri)
+        assert os.path.exists(uri) and uri.endswith(f"-{key[:12]}.png")  # named by the settings key
     import cv2
 
     img = cv2.imread(part.column("image_uri")[0].as_py())
     crop = round(25 * 40 / 150)
     assert img.shape == (40 - 2 * crop, 40 - 2 * crop, 3)
 
-    bad = dict(settings, fingerprint="0" * 64)
+    bad = dict(settings, model_fingerprint="0" * 64)
     with pytest.raises(ModelError, match="different model"):
         FilterWorker(bad)
 
@@ -115,19 +130,19 @@ def test_conv_base_without_top_loads_and_worker_commits_a_unit(tmp_path):
 def test_fixed_input_model_rejects_other_size(tmp_path):
     model_file = _conv_base_file(tmp_path / "fixed.keras", size=32)
     spec = ModelSpec(kind="keras", model_file=model_file)
-    assert load_filters_model(spec, None)[1] == 32  # default size follows the model
+    assert load_feature_model(spec, None)[1] == 32  # default size follows the model
     with pytest.raises(ModelError, match="use --size 32"):
-        load_filters_model(spec, 48)
+        load_feature_model(spec, 48)
 
 
 def test_vgg16_conv_base_at_any_size():
-    loaded, size = load_filters_model(ModelSpec(kind="vgg16", weights="random"), 48)
+    loaded, size = load_feature_model(ModelSpec(kind="vgg16", weights="random"), 48)
     assert size == 48 and loaded.model.input_shape == (None, 48, 48, 3)
-    assert len(filters_job.resolve_layers(loaded.model, None)) == 13
-    assert filters_job.layer_geometry(loaded.model, "block4_conv1", 48)["border_used"] == [2, 2]
-    assert filters_job.layer_geometry(loaded.model, "block5_conv1", 48)["border_used"] == [1, 1]
+    assert len(loaded.resolve_layers(None)) == 13
+    assert loaded.layer_geometry("block4_conv1", 48)["border_used"] == [2, 2]
+    assert loaded.layer_geometry("block5_conv1", 48)["border_used"] == [1, 1]
     with pytest.raises(ModelError, match="cannot build VGG16 at 16 px"):
-        load_filters_model(ModelSpec(kind="vgg16", weights="random"), 16)
+        load_feature_model(ModelSpec(kind="vgg16", weights="random"), 16)
 
 
 LAYERS = ["block1_conv1", "block1_conv2"]
@@ -207,10 +222,7 @@ def test_resume_recomputes_only_uncommitted_unit(cli_run, ray_local, tmp_path):
     out = tmp_path / "vis"  # a private copy: the module's output stays as the other tests read it
     shutil.copytree(shared_out, out)
     before = pq.read_table(out / "filters" / "manifest.parquet")
-    key = before.column("settings_key")[0].as_py()
-    layout_root = out / "filters"
-    unit = filters_job.unit_id("block1_conv2", 32, 64)
-    os.remove(layout_root / "_commits" / key / f"{unit}.json")
+    os.remove(FiltersLayout(str(out)).commit_marker(3))  # block1_conv2's filters 32-63
     config = FiltersConfig(output=str(out), model=ModelSpec(kind="vgg16", weights="random"),
                            layers=tuple(LAYERS), size=48, steps=4, filters_per_unit=32,
                            weights_filters=4, weights_channels=5, progress=False)
@@ -238,7 +250,7 @@ def _cli(args, env_extra=None):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s3_bucket, ray_init_calls):
+def test_s3_output_end_to_end_refusal_overwrite_and_skip(tmp_path, s3_endpoint, s3_client, s3_bucket, ray_init_calls):
     """Every write goes through the storage seam: the whole job against a real S3 server. The CLI
     runs in a subprocess (its own Ray, whose workers get the endpoint and the credentials from the
     environment as on a real machine)."""
@@ -251,7 +263,17 @@ def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s
             "--s3-endpoint-url", s3_endpoint, "--quiet"]
     first = _cli(args + ["--steps", "2"])
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _cli(args + ["--steps", "3"])  # other settings: recomputed, old commits removed
+
+    def images():
+        listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="vis/filters/")["Contents"]
+        return {o["Key"] for o in listed if o["Key"].endswith(".png") and "/sheets/" not in o["Key"]}
+
+    old_images = images()
+    assert len(old_images) == 16
+    refused = _cli(args + ["--steps", "3"])  # other settings in the same DST: refused, nothing touched
+    assert refused.returncode == 2 and "--steps: 2 then, 3 now" in refused.stderr.strip().splitlines()[-1]
+    assert images() == old_images
+    second = _cli(args + ["--steps", "3", "--overwrite"])
     assert second.returncode == 0, second.stderr[-3000:]
 
     body = s3_client.get_object(Bucket=s3_bucket, Key="vis/filters/manifest.parquet")["Body"].read()
@@ -259,14 +281,17 @@ def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s
     assert table.num_rows == 16 and set(table.column("steps").to_pylist()) == {3}
     key = table.column("settings_key")[0].as_py()
     for uri in table.column("image_uri").to_pylist():
-        assert uri.startswith(f"s3://{s3_bucket}/vis/filters/")
+        assert uri.startswith(f"s3://{s3_bucket}/vis/filters/") and uri.endswith(f"-{key[:12]}.png")
         s3_client.head_object(Bucket=s3_bucket, Key=uri.split("/", 3)[3])
+    # the first run's images had other names: never overwritten, kept until the next run
+    assert old_images <= images() and len(images()) == 32
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="vis/")["Contents"]}
     for name in ("vis/filters/job.json", "vis/filters/summary.json", "vis/filters/sheets/first.png",
                  "vis/filters/sheets/second.png", "vis/weights/first_color.png", "vis/weights/second_channels.png"):
         assert name in keys
-    commits = [k for k in keys if "/_commits/" in k or "/_parts/" in k]
-    assert commits and all(f"/{key}/" in k for k in commits)
+    assert sorted(k for k in keys if "/_commits/" in k) == [f"vis/filters/_commits/shard-{i:05d}.json" for i in range(5)]
+    assert sorted(k for k in keys if "/_parts/" in k) == [f"vis/filters/_parts/shard-{i:05d}.parquet" for i in range(5)]
+    assert not [k for k in keys if "/_staging/" in k]
     summary = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="vis/filters/summary.json")["Body"].read())
     assert summary["computed_units"] == 5 and summary["settings"]["steps"] == 3
 
@@ -277,3 +302,4 @@ def test_s3_output_end_to_end_purge_and_skip(tmp_path, s3_endpoint, s3_client, s
     again = run_filters(config)  # in-process: everything committed, so no Ray is needed
     assert len(ray_init_calls) == calls_before
     assert again.computed_units == 0 and again.skipped_units == 5 and again.settings_key == key
+    assert images() == {uri.split("/", 3)[3] for uri in table.column("image_uri").to_pylist()}  # old ones gone

@@ -361,7 +361,7 @@ def test_holder_killed_mid_run_then_break_lease_or_wait_for_expiry(tmp_path):
 
 def test_explain_and_filters_jobs_take_the_lease_before_any_work(tmp_path):
     from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
-    from bulk_explain.jobs.filters.job import FiltersConfig, run_filters
+    from bulk_explain.jobs.filters import FiltersConfig, run_filters
 
     make_inputs(str(tmp_path / "in"), 2)
     out = str(tmp_path / "out")

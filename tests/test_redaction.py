@@ -71,27 +71,30 @@ def test_read_json_missing_is_none_and_every_other_error_raises(tmp_path):
         read_json(storage, str(tmp_path / "bad.json"))
 
 
-def test_unreadable_marker_fails_both_job_kinds_instead_of_recomputing(tmp_path):
-    from bulk_explain.jobs.units import read_markers as _read_markers
-    from bulk_explain.jobs.filters.job import FiltersLayout, _committed
+@pytest.mark.parametrize("kind", ["explain", "filters"])
+def test_unreadable_marker_fails_both_job_kinds_instead_of_recomputing(tmp_path, kind):
+    """Both kinds read their markers through the runner's shared `sort_units`: an AccessDenied
+    marker stops the job (exit 5) instead of counting as "not committed" and being recomputed."""
+    from bulk_explain.jobs.units import existing_files, read_markers, sort_units
+    from bulk_explain.workers.filters.layout import FiltersLayout
     from bulk_explain.workers.layout import OutputLayout
 
-    denied = PermissionError("access denied (AccessDenied)")
-    # explain: the markers of planned shards are read before deciding what to redo
-    layout = OutputLayout(str(tmp_path / "explain"))
+    layout = OutputLayout(str(tmp_path / "out")) if kind == "explain" else FiltersLayout(str(tmp_path / "out"))
     for shard in (0, 1):
         layout.storage.write_bytes(layout.commit_marker(shard), b'{"content_hash": "x"}')
+    assert read_markers(LocalStorage(), layout, [0, 1]) == {0: {"content_hash": "x"}, 1: {"content_hash": "x"}}
+    denied = PermissionError("access denied (AccessDenied)")
     storage = DenyingStorage(os.path.basename(layout.commit_marker(1)), denied)
-    assert _read_markers(LocalStorage(), layout, [0, 1]) == {0: {"content_hash": "x"}, 1: {"content_hash": "x"}}
     with pytest.raises(EnvironmentProblem):
-        _read_markers(storage, layout, [0, 1])
-    # filters: the committed units of the settings key
-    flayout = FiltersLayout(str(tmp_path / "filters"), LocalStorage())
-    for unit in ("conv__00000-00004", "conv__00004-00008"):
-        flayout.storage.write_bytes(flayout.marker("k", unit), json.dumps({"unit": unit}).encode())
-    assert set(_committed(LocalStorage(), flayout, "k")) == {"conv__00000-00004", "conv__00004-00008"}
-    with pytest.raises(EnvironmentProblem):
-        _committed(DenyingStorage("conv__00004-00008.json", denied), flayout, "k")
+        read_markers(storage, layout, [0, 1])
+
+    class Unit:
+        def __init__(self, shard):
+            self.shard, self.content_hash = shard, "x"
+
+    layout.storage = storage  # what sort_units reads through
+    with pytest.raises(EnvironmentProblem, match="cannot read"):
+        sort_units(layout, [Unit(0), Unit(1)], existing_files(layout), "f")
 
 
 def test_cli_exits_5_with_one_line_when_job_json_cannot_be_read(tmp_path):
@@ -114,7 +117,7 @@ def test_cli_exits_5_with_one_line_when_job_json_cannot_be_read(tmp_path):
 
 def test_config_validation_writes_no_environment(monkeypatch, tmp_path):
     from bulk_explain.jobs.explain.config import ExplainConfig
-    from bulk_explain.jobs.filters.job import FiltersConfig
+    from bulk_explain.jobs.filters.config import FiltersConfig
     from bulk_explain.workers.models import ModelSpec
 
     monkeypatch.delenv("BULK_EXPLAIN_S3_ENDPOINT_URL", raising=False)

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from bulk_explain.workers.preprocessing import Preprocessing
 
@@ -87,6 +87,46 @@ class LoadedModel:
 
         return [l.name for l in self.model.layers if isinstance(l, keras.layers.Conv2D)]
 
+    def resolve_layers(self, names: Optional[Sequence[str]]) -> List[str]:
+        """Layer names in model order: every Conv2D for None, else the named ones (checked to
+        exist and to output (batch, h, w, filters) maps).
+
+        Raises:
+            ModelError: no Conv2D layer (for None), an unknown name, a layer without 4-D output.
+        """
+        model = self.model
+        conv = self.conv_layer_names()
+        if names is None:
+            if not conv:
+                raise ModelError(
+                    f"model {model.name!r} has no top-level Conv2D layer (a conv base nested as one layer "
+                    "is not supported: save the conv base itself and pass it with --model keras)")
+            return conv
+        order = {l.name: i for i, l in enumerate(model.layers)}
+        for name in names:
+            if name not in order:
+                raise ModelError(f"no layer {name!r} in model {model.name!r}; conv layers: {', '.join(conv) or 'none'}")
+            shape = model.get_layer(name).output.shape
+            if len(shape) != 4:
+                raise ModelError(f"layer {name!r} output is {tuple(shape)}: expected (batch, h, w, filters)")
+        return sorted(names, key=order.get)
+
+    def layer_geometry(self, layer: str, size: int) -> Dict:
+        """Filters and activation map size of `layer` for a `size` px square input (no compute), and
+        the border the filter visualization's loss cuts (the lecture: 2 px, at least one pixel kept).
+
+        Raises:
+            ModelError: the layer has no spatial output at this size.
+        """
+        import keras
+
+        out = keras.Model(self.model.inputs, self.model.get_layer(layer).output).compute_output_shape((1, size, size, 3))
+        if out[1] is None or out[1] < 1 or out[2] is None or out[2] < 1:
+            raise ModelError(f"layer {layer!r} has no spatial output at --size {size}: use a larger size")
+        h, w = int(out[1]), int(out[2])
+        return {"filters": int(out[3]), "output_hw": [h, w],
+                "border_used": [min(2, (h - 1) // 2), min(2, (w - 1) // 2)]}
+
     def default_activation_layers(self) -> List[str]:
         """Every Conv2D and pooling layer, as the lecture's activation model."""
         import keras
@@ -152,6 +192,50 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     loaded = _BUILDERS[spec.kind](spec)
     _check_explainable(loaded)
     return loaded
+
+
+_FEATURE_BUILDERS: Dict[str, Callable[[ModelSpec, int], LoadedModel]] = {}
+
+
+def register_feature_model(name: str):
+    """Decorator registering a `(ModelSpec, size) -> LoadedModel` builder of the model a kind
+    uses for feature visualization (no classifier top), where it differs from `register_model`'s."""
+
+    def wrap(fn):
+        _FEATURE_BUILDERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_feature_model(spec: ModelSpec, size: Optional[int] = None) -> Tuple[LoadedModel, int]:
+    """The model for filter visualization: a classifier or a conv base, no classifier check;
+    vgg16 as its conv base (`include_top=False`) at `size`, since the top plays no part.
+
+    Args:
+        spec: the model.
+        size: square input size; None: the model's fixed input size, else 150 (the lecture's).
+
+    Returns:
+        (the loaded model, the input size to use).
+
+    Raises:
+        ModelError: unknown kind, unreadable file, non-square or other fixed input size.
+    """
+    if spec.kind in _FEATURE_BUILDERS:
+        loaded = _FEATURE_BUILDERS[spec.kind](spec, size or 150)
+    elif spec.kind in _BUILDERS:
+        loaded = _BUILDERS[spec.kind](dataclasses.replace(spec, input_size=spec.input_size or size or 150))
+    else:
+        raise ModelError(f"unknown model {spec.kind!r}; expected one of {', '.join(model_kinds())}")
+    hw = _input_hw(loaded.model)
+    if hw is not None:
+        if hw[0] != hw[1]:
+            raise ModelError(f"model takes {hw[0]}x{hw[1]} input; the filter images are square")
+        if size is not None and size != hw[0]:
+            raise ModelError(f"model {loaded.model.name!r} takes {hw[0]}x{hw[1]} input only: use --size {hw[0]}")
+        size = hw[0]
+    return loaded, int(size or spec.input_size or 150)
 
 
 # ---------------------------------------------------------------- helpers shared by builders
@@ -458,7 +542,55 @@ def _build_vgg16(spec: ModelSpec) -> LoadedModel:
     )
 
 
-def _download_imagenet_vgg16():
+@register_feature_model("vgg16")
+def _build_vgg16_conv_base(spec: ModelSpec, size: int) -> LoadedModel:
+    """VGG16 without its classifier top at `size` px; conv weights from ImageNet (Keras' "notop"
+    download), seeded random, a notop weights file, or copied by layer name from a full VGG16 file."""
+    import keras
+
+    shape = (size, size, 3)
+    try:
+        if spec.weights == "imagenet":
+            base = _download_imagenet_vgg16(include_top=False, input_shape=shape)
+        else:
+            base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+    except ValueError as exc:
+        raise ModelError(f"cannot build VGG16 at {size} px: {str(exc).splitlines()[0]}") from None
+    if spec.weights == "random":
+        seeded_random_weights(base, spec.seed)
+    elif spec.weights != "imagenet":
+        _copy_vgg16_weights(base, spec)
+    return LoadedModel(model=base, class_names=[], preprocessing=Preprocessing(size, size, "vgg16"),
+                       output_kind="features")
+
+
+def _copy_vgg16_weights(base, spec: ModelSpec) -> None:
+    import keras
+
+    path = spec.weights
+    if path.endswith(".keras"):
+        source = load_model_file(path, safe_mode=not spec.unsafe_model_code)
+    else:
+        try:
+            base.load_weights(path)  # a conv-base ("notop") weights file
+            return
+        except Exception:
+            source = keras.applications.VGG16(weights=None)
+            try:
+                source.load_weights(path)
+            except Exception as exc:
+                raise ModelError(f"cannot load VGG16 weights from {path}: {str(exc).splitlines()[0]}") from None
+    for layer in base.layers:
+        if not layer.weights:
+            continue
+        try:
+            src = source.get_layer(layer.name)
+        except ValueError:
+            raise ModelError(f"{path} has no layer {layer.name!r}: not a VGG16") from None
+        layer.set_weights(src.get_weights())
+
+
+def _download_imagenet_vgg16(**kwargs):
     """VGG16 with ImageNet weights: Keras' download (about 530 MB), cached in ~/.keras/models.
 
     Raises:
@@ -469,7 +601,7 @@ def _download_imagenet_vgg16():
     from bulk_explain.workers.environment import EnvironmentProblem
 
     try:
-        return keras.applications.VGG16(weights="imagenet")
+        return keras.applications.VGG16(weights="imagenet", **kwargs)
     except Exception as exc:  # Keras wraps URLError/HTTPError in a plain Exception("URL fetch failure...")
         text = f"{exc} {exc.__cause__ or ''} {exc.__context__ or ''}"
         if not any(k in text for k in ("URL fetch failure", "urlopen", "HTTP Error", "Errno", "timed out")):

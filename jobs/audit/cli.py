@@ -1,6 +1,8 @@
-"""Command-line arguments of `bulk-explain audit` (and `run ... --audit`)."""
+"""`bulk-explain audit` (and `run ... --audit`): options, config, the command."""
 
 from __future__ import annotations
+
+from bulk_explain.jobs.commands import Command, register_command
 
 from bulk_explain.jobs.audit.config import (BORDER, CLUSTER_SAMPLE_PER_CLASS, LABEL_FILTER, LABEL_FILTERS, LOW_CONFIDENCE_BELOW,
                                MAX_CLUSTER_CLASSES, MAX_CLUSTERS, THUMBNAILS_PER_CHECK, AuditConfig)
@@ -49,3 +51,53 @@ def config_from_args(args, output=None) -> AuditConfig:
         label_filter=getattr(args, "label_filter", LABEL_FILTER),
         s3_endpoint_url=getattr(args, "s3_endpoint_url", None),
     ).validated()
+
+
+def config_for_run(args):
+    """`bulk-explain run --audit [--gate ...]`: the audit's validated config, or None without --audit.
+
+    Raises:
+        ConfigError: --gate without --audit.
+        EnvironmentProblem: the audit extra is not installed (one line naming it).
+    """
+    if args.gate and not args.audit:
+        from bulk_explain.jobs.validation import ConfigError
+
+        raise ConfigError("--gate applies to the audit: add --audit (or run `bulk-explain audit --gate ...`)")
+    if not args.audit:
+        return None
+    _require()
+    return config_from_args(args, output=args.output)
+
+
+def _require() -> None:
+    from bulk_explain.jobs import audit
+    from bulk_explain.workers.environment import EnvironmentProblem
+
+    try:
+        audit.require_dependencies()
+    except ImportError as exc:
+        raise EnvironmentProblem(str(exc)) from None
+
+
+def run_audit_command(config: AuditConfig, args, lease=None) -> int:
+    """Runs the audit holding DST's lease (it writes DST/audits/ and reads the manifest: one
+    writer per output, as for runs); prints one line per failed gate; returns the exit code."""
+    import sys
+
+    from bulk_explain.jobs.audit import run_audit
+    from bulk_explain.workers.lease import hold_output_lease
+
+    with hold_output_lease(config.output, lease, job="audit"):
+        result = run_audit(config, progress=not args.quiet)
+    for line in result.failed_gates:
+        print(f"bulk-explain: {line}", file=sys.stderr)
+    return result.exit_code
+
+
+def _run(args, lease) -> int:
+    return run_audit_command(config_from_args(args), args, lease)
+
+
+register_command(Command(name="audit", help="audit an explain output: label issues, drift, where the model looks, gates",
+                         add_arguments=add_arguments, run=_run, requires=_require, defaults_in_help=False))

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Optional, Tuple
 
-from bulk_explain.jobs.explain.config import ConfigError
+from bulk_explain.jobs.validation import ConfigError
 
 _GATE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bulk_explain.jobs.explain.config import ConfigError
+from bulk_explain.jobs.validation import ConfigError
 from bulk_explain.workers.storage import StorageError, storage_for
 
 BATCH_ROWS = 65_536

@@ -33,7 +33,7 @@ from bulk_explain.jobs.audit.checks import AuditContext, Finding, all_checks
 from bulk_explain.jobs.audit.checks.drift import drift_features
 from bulk_explain.jobs.audit.config import AuditConfig
 from bulk_explain.jobs.audit.data import ManifestReader
-from bulk_explain.jobs.explain.config import ConfigError
+from bulk_explain.jobs.validation import ConfigError
 from bulk_explain.workers.storage import storage_for
 
 FINDINGS_SCHEMA = pa.schema([("check", pa.string()), ("value", pa.float64()), ("threshold", pa.float64()),

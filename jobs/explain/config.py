@@ -9,6 +9,7 @@ import json
 import os
 from typing import Optional, Tuple, Union
 
+from bulk_explain.jobs.validation import ConfigError, require_int  # noqa: F401 (ConfigError: re-exported)
 from bulk_explain.workers.models import WEIGHTS_FROM_MODEL_FILE, ModelSpec, model_kinds
 from bulk_explain.workers.explain.cam_methods import parse_methods
 from bulk_explain.workers.explain.faithfulness import DEFAULT_STEPS, parse_metrics
@@ -36,10 +37,6 @@ NON_RESULT_FIELDS = ("inputs", "output", "address", "workers", "gpus_per_worker"
 AUTO_BATCH = "auto"
 BACKENDS = ("tensorflow", "jax")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
-
-class ConfigError(ValueError):
-    """The job cannot start as configured. The message is one line meant for the user."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,12 +201,9 @@ class ExplainConfig:
             ("max shard retries", self.max_shard_retries, 0),
             ("max decoded bytes", self.max_decoded_bytes, 1),
         ):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, received {value!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise ConfigError(f"limit must be an integer >= 1, received {self.limit!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise ConfigError(f"workers must be an integer >= 1, received {self.workers!r}")
+            require_int(name, value, low, ConfigError)
+        require_int("limit", self.limit, 1, ConfigError, optional=True)
+        require_int("workers", self.workers, 1, ConfigError, optional=True)
         if self.gpus_per_worker is not None and not (0 < self.gpus_per_worker <= 8):
             raise ConfigError(f"gpus per worker must be within (0, 8], received {self.gpus_per_worker!r}")
         if not (1 <= self.overlay_quality <= 100):

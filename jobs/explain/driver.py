@@ -9,7 +9,6 @@ sorted input listing cut into shards, `plan.py`), its checks (model, labels), it
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import time
 from typing import Dict, List, Optional
@@ -19,7 +18,7 @@ from bulk_explain.jobs.explain.explanations_summary import describe_explanations
 from bulk_explain.jobs.explain.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan,
                                             match_previous, plan_changes, plan_shards, read_plan, write_plan)
 from bulk_explain.jobs.progress import Progress
-from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, run_job
+from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, config_difference, different_results, run_job
 from bulk_explain.jobs.runtime import redacted as _redacted
 from bulk_explain.jobs.units import SortedUnits, staged_agrees
 from bulk_explain.workers.backends import BACKEND_ENV, BackendError, select_backend
@@ -30,8 +29,7 @@ from bulk_explain.workers.layout import OutputLayout
 from bulk_explain.workers.lease import LeaseOptions
 from bulk_explain.workers.models import ModelError
 from bulk_explain.workers.storage import IMAGE_EXTENSIONS, StorageError
-from bulk_explain.workers.tf_runtime import (VERBOSE_ENV, import_backend_quietly, quiet_console, quiet_warnings,
-                                             tf_log_level)
+from bulk_explain.workers.tf_runtime import import_backend_quietly, quiet_console, quiet_warnings
 
 
 @dataclasses.dataclass
@@ -241,6 +239,11 @@ def run_explain(config: ExplainConfig, progress: bool = True, lease: Optional[Le
     return run_job(ExplainJob(config, progress), lease)
 
 
+# ExplainConfig fields -> the option a user passes (names that differ from --field-name).
+_OPTION_OF = {"model.kind": "--model", "model.weights": "--weights", "model.model_file": "--model-file",
+              "model.class_names_file": "--class-names", "model.seed": "--seed"}
+
+
 class ExplainJob(UnitJob):
     """The explain kind on the runner (`bulk_explain.jobs.runner`): units are shards of the sorted
     input listing; the worker is `ExplainWorker`; finish = totals, error rate, explanation summaries."""
@@ -260,7 +263,8 @@ class ExplainJob(UnitJob):
         self.layout = OutputLayout(self.config.output)
 
     def refusal(self, previous: dict) -> Exception:
-        return ConfigError(_DIFFERENT_JOB.format(output=self.config.output, what=_config_diff(previous, self.config)))
+        return ConfigError(different_results(self.config.output, config_difference(
+            previous, _redacted(self.config.to_dict()), NON_RESULT_FIELDS, _OPTION_OF)))
 
     def max_retries(self) -> int:
         return self.config.max_shard_retries
@@ -283,8 +287,8 @@ class ExplainJob(UnitJob):
         class_names = model_info.pop(_CLASS_NAMES)
         previous = self.previous
         if previous and not config.overwrite and previous.get("model", {}).get("fingerprint") != model_info["fingerprint"]:
-            raise ConfigError(_DIFFERENT_JOB.format(
-                output=config.output, what="the model's weights or architecture (its fingerprint differs)"))
+            raise ConfigError(different_results(config.output, "the model's weights or architecture "
+                                                                "(its fingerprint differs)"))
         self.model_info = model_info
         check_labels(config, self.planned.plan, class_names, self.log)
         todo = units.todo + units.roll_forward
@@ -328,10 +332,7 @@ class ExplainJob(UnitJob):
                                    cpus=shape["num_cpus"])
         settings["model_fingerprint"] = self.model_info["fingerprint"]
         # OpenCV reads its pixel cap once, when cv2 loads: set it before the worker imports anything.
-        env = {"TF_CPP_MIN_LOG_LEVEL": tf_log_level(), OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS),
-               BACKEND_ENV: config.backend}  # set before the worker imports Keras
-        if os.environ.get(VERBOSE_ENV):
-            env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
+        env = {OPENCV_PIXEL_CAP_ENV: str(MAX_IMAGE_PIXELS), BACKEND_ENV: config.backend}  # before Keras loads
         return ExplainWorker, settings, env, {}
 
     def workers_ready(self, described: List[dict]) -> None:
@@ -462,53 +463,6 @@ def plan_inputs(config: ExplainConfig, layout: OutputLayout) -> PlannedInputs:
         in_scope = set(pc.unique(hit.column("shard")).to_pylist())
     return PlannedInputs(plan=plan, shards=shards, changes=changes, found_inputs=found_inputs, limited=limited,
                          in_scope=in_scope)
-
-
-_DIFFERENT_JOB = ("{output} holds results of a different configuration or model ({what}); "
-                  "use a new --output or pass --overwrite to replace them")
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-# ExplainConfig fields -> the option a user passes (names that differ from --field-name).
-_OPTION_OF = {"model.kind": "--model", "model.weights": "--weights", "model.model_file": "--model-file",
-              "model.class_names_file": "--class-names", "model.seed": "--seed"}
-
-
-def _config_diff(previous: dict, config: ExplainConfig) -> str:
-    """Which result-changing settings differ between DST/job.json and this run, e.g.
-    `--cam-method: gradcam then, layercam now`."""
-    old = dict(previous.get("config") or {})
-    new = _redacted(config.to_dict())
-    ignored = set(NON_RESULT_FIELDS)
-    old_flat = {k: v for k, v in _flat(old).items() if k.split(".")[0] not in ignored}
-    new_flat = {k: v for k, v in _flat(new).items() if k.split(".")[0] not in ignored}
-    diffs = []
-    for key in sorted(set(old_flat) | set(new_flat)):
-        a, b = old_flat.get(key), new_flat.get(key)
-        if isinstance(a, list):
-            a = tuple(a)
-        if isinstance(b, list):
-            b = tuple(b)
-        if a != b:
-            option = _OPTION_OF.get(key, "--" + key.split(".")[-1].replace("_", "-"))
-            diffs.append(f"{option}: {_show(a)} then, {_show(b)} now")
-    return "; ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") if diffs \
-        else "an earlier version of the settings"
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return "unset" if value is None else str(value)
 
 
 def _check_access(config: ExplainConfig) -> None:
