@@ -303,3 +303,60 @@ def test_s3_output_end_to_end_refusal_overwrite_and_skip(tmp_path, s3_endpoint, 
     assert len(ray_init_calls) == calls_before
     assert again.computed_units == 0 and again.skipped_units == 5 and again.settings_key == key
     assert images() == {uri.split("/", 3)[3] for uri in table.column("image_uri").to_pylist()}  # old ones gone
+
+
+@pytest.mark.slow
+def test_reader_during_a_rerun_with_other_settings_sees_one_settings_and_every_image(tmp_path):
+    """`--overwrite` with other settings: while it runs, a reader of filters/manifest.parquet sees the
+    old settings' rows with their (untouched) images; afterwards the new ones; never a mix, never a
+    row whose image is missing."""
+    import hashlib
+    import time
+
+    from test_reliability import wait_flag
+    from test_signals import finish, start
+
+    out = str(tmp_path / "vis")
+    base = ["filters", "--output", out, "--model", "cats_dogs", "--weights", "random", "--input-size", "64",
+            "--size", "64", "--layers", "conv2d", "--filters-per-unit", "8", "--workers", "1", "--batch-size", "8",
+            "--quiet"]
+    rc, err = finish(start(base + ["--steps", "2"]), timeout=300)
+    assert rc == 0, err[-3000:]
+    manifest = os.path.join(out, "filters", "manifest.parquet")
+
+    def read():
+        rows = pq.read_table(manifest).to_pylist()
+        assert len(rows) == 32
+        assert len({(r["steps"], r["settings_key"]) for r in rows}) == 1  # one settings, never a mix
+        images = {}
+        for r in rows:
+            assert r["image_uri"].endswith(f"-{r['settings_key'][:12]}.png")
+            with open(r["image_uri"], "rb") as f:  # present (FileNotFoundError otherwise)
+                images[r["image_uri"]] = hashlib.sha256(f.read()).hexdigest()
+        return rows[0]["steps"], images
+
+    steps, old = read()
+    assert steps == 2
+    flag = str(tmp_path / "flag")
+    proc = start(base + ["--steps", "3", "--overwrite"], "after_marker:2", flag, action="hold")
+    try:
+        wait_flag(flag, proc)
+        # units 0-2 of the new settings are committed and their images written; readers see the old
+        steps, now = read()
+        assert steps == 2 and now == old  # same rows, the same image bytes
+        open(flag + ".go", "w").close()
+        while proc.poll() is None:
+            steps, now = read()
+            assert now == old or steps == 3
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            open(flag + ".go", "w").close()
+    rc, err = finish(proc, timeout=300)
+    assert rc == 0, err[-3000:]
+    steps, new = read()
+    assert steps == 3 and not set(new) & set(old)
+    assert all(os.path.exists(u) for u in old)  # deleted by the next run, not under a reader's feet
+    rc, err = finish(start(base + ["--steps", "3"]), timeout=300)
+    assert rc == 0, err[-3000:]
+    assert read()[1] == new and not any(os.path.exists(u) for u in old)

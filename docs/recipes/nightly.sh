@@ -26,5 +26,5 @@ address="${RAY_API_SERVER_ADDRESS:-http://127.0.0.1:8265}"
 submission_id="${SUBMISSION_ID:-bulk-explain-$(date -u +%F)}"
 # shellcheck disable=SC2086  # BULK_EXPLAIN_ARGS is a list of flags
 exec ray job submit --address "$address" --submission-id "$submission_id" --working-dir . -- \
-    python -m jobs run --input "$INPUT" --output "$OUTPUT" --address auto \
+    python -m bulk_explain run --input "$INPUT" --output "$OUTPUT" --address auto \
     --wait-for-lease "${WAIT_FOR_LEASE:-0}" ${BULK_EXPLAIN_ARGS:---model vgg16 --weights imagenet}

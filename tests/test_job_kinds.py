@@ -1,0 +1,148 @@
+"""Every job kind goes through the one runner (`bulk_explain.jobs.runner`): the same protocol tests,
+parametrized over the kinds, not a copy per kind. Each kind is run through its CLI in a subprocess
+(its own embedded Ray, its own session), with the test-only fault points forwarded to its workers.
+
+- a worker that pauses after a unit's marker, then the whole machine is gone (SIGKILL of the
+  driver's session): the next run (`--break-lease`: the dead driver's lease) publishes that unit
+  from `_staging/` (roll forward) and, with a worker killed mid-unit, retries that unit;
+- SIGTERM while units run: exit 143, nothing left running, committed units kept and skipped later;
+- credentials in the S3 endpoint never reach either kind's job.json.
+"""
+
+import glob
+import json
+import os
+import signal
+
+import pyarrow.parquet as pq
+import pytest
+
+from test_reliability import kill_session, make_inputs, wait_flag
+from test_signals import finish, session_left, start
+
+SECRET = "kinds-pw-51c7"
+ENDPOINT = f"http://minio:{SECRET}/x@127.0.0.1:9"  # unused (local outputs); must never be written
+
+
+class Kind:
+    """How to run one kind small, and where its protocol files and rows are."""
+
+    def __init__(self, name, tmp_path):
+        self.name = name
+        self.out = str(tmp_path / "out")
+        if name == "explain":
+            make_inputs(str(tmp_path / "in"), 6)
+            self.args = ["run", "--input", str(tmp_path / "in"), "--output", self.out, "--model", "cats_dogs",
+                         "--weights", "random", "--input-size", "64", "--shard-size", "1", "--batch-size", "2",
+                         "--workers", "1"]
+            self.root, self.units, self.rows = self.out, 6, 6
+        else:
+            self.args = ["filters", "--output", self.out, "--model", "cats_dogs", "--weights", "random",
+                         "--input-size", "64", "--size", "64", "--layers", "conv2d", "--filters-per-unit", "4",
+                         "--steps", "2", "--workers", "1", "--batch-size", "4"]
+            self.root, self.units, self.rows = os.path.join(self.out, "filters"), 8, 32
+        self.args += ["--s3-endpoint-url", ENDPOINT]
+
+    def markers(self):
+        return sorted(glob.glob(os.path.join(self.root, "_commits", "shard-*.json")))
+
+    def staged(self):
+        return sorted(glob.glob(os.path.join(self.root, "_staging", "shard-*.parquet")))
+
+    def summary(self):
+        with open(os.path.join(self.root, "summary.json")) as f:
+            return json.load(f)
+
+    def counted(self, what):
+        """A summary count by the runner's name: skipped / rolled_forward."""
+        names = {"explain": {"skipped": "skipped_shards", "rolled_forward": "rolled_forward_shards"},
+                 "filters": {"skipped": "skipped_units", "rolled_forward": "rolled_forward_units"}}
+        return self.summary()[names[self.name][what]]
+
+    def visible_rows(self):
+        """What a reader of the kind's manifest sees, as keys that must be unique."""
+        if self.name == "explain":
+            parts = glob.glob(os.path.join(self.out, "manifest", "*.parquet"))
+            return [u for p in parts for u in pq.read_table(p).column("source_uri").to_pylist()]
+        table = pq.read_table(os.path.join(self.root, "manifest.parquet"))
+        return list(zip(table.column("layer").to_pylist(), table.column("filter_index").to_pylist()))
+
+    def assert_no_secret(self):
+        with open(os.path.join(self.root, "job.json")) as f:
+            text = f.read()
+        assert SECRET not in text
+        assert json.loads(text)["config"]["s3_endpoint_url"] == "http://***@127.0.0.1:9"
+
+
+@pytest.fixture(params=["explain", "filters"])
+def kind(request, tmp_path):
+    return Kind(request.param, tmp_path)
+
+
+@pytest.mark.slow
+def test_machine_lost_after_a_marker_then_resume_rolls_forward_and_retries_a_killed_worker(kind, tmp_path):
+    flag = str(tmp_path / "flag")
+    proc = start(kind.args, "after_marker:0", flag, action="pause")
+    worker_pid, unit = wait_flag(flag, proc)
+    assert worker_pid != proc.pid and unit == 0  # the fault point is forwarded to this kind's worker
+    kill_session(proc)  # driver, Ray and the paused worker: the machine is gone
+    assert os.path.join(kind.root, "_commits", "shard-00000.json") in kind.markers()
+    assert os.path.join(kind.root, "_staging", "shard-00000.parquet") in kind.staged()  # committed, unpublished
+
+    # The next run: a worker dies mid-unit (after staging the part of a unit not committed yet)
+    # once; the unit is retried.
+    todo = [i for i in range(kind.units) if os.path.join(kind.root, "_commits", f"shard-{i:05d}.json") not in kind.markers()]
+    assert todo, "every unit committed before the machine was lost"
+    crash = str(tmp_path / "crash")
+    proc = start(kind.args + ["--break-lease"], f"after_stage:{todo[-1]}", crash, action="kill")
+    rc, err = finish(proc, timeout=300)
+    assert rc == 0, err[-3000:]
+    assert os.path.exists(crash), "the worker was never killed"
+    assert "retrying" in err, err[-3000:]
+    assert kind.counted("rolled_forward") == 1
+    assert not kind.staged()
+    rows = kind.visible_rows()
+    assert len(rows) == kind.rows and len(set(rows)) == kind.rows  # complete, exactly once
+    assert len(kind.markers()) == kind.units
+    kind.assert_no_secret()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_workers_and_ray_keeps_committed_units(kind, tmp_path):
+    flag = str(tmp_path / "flag")
+    proc = start(kind.args, "after_marker:1", flag, action="pause")
+    wait_flag(flag, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    rc, err = finish(proc)
+    assert rc == 143, err[-3000:]
+    assert "interrupted (SIGTERM)" in err
+    assert session_left(proc) == []  # workers and the embedded Ray are gone
+    committed = kind.markers()
+    assert committed
+    kind.assert_no_secret()
+
+    rc, err = finish(start(kind.args), timeout=300)
+    assert rc == 0, err[-3000:]
+    # every marker left is a commit: published, or staged (the paused unit: rolled forward)
+    assert kind.counted("skipped") == len(committed) and kind.counted("rolled_forward") >= 1
+    rows = kind.visible_rows()
+    assert len(rows) == kind.rows and len(set(rows)) == kind.rows
+
+
+@pytest.mark.parametrize("name", ["explain", "filters"])
+def test_a_bool_is_not_an_integer_for_any_kind(tmp_path, name):
+    from bulk_explain.jobs.explain.config import ExplainConfig
+    from bulk_explain.jobs.filters.config import FiltersConfig
+    from bulk_explain.jobs.validation import ConfigError
+    from bulk_explain.workers.models import ModelSpec
+
+    (tmp_path / "in").mkdir()
+    model = ModelSpec(kind="cats_dogs", weights="random")
+    make = {"explain": lambda **kw: ExplainConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "o"),
+                                                  model=model, **kw),
+            "filters": lambda **kw: FiltersConfig(output=str(tmp_path / "o"), model=model, **kw)}[name]
+    field = {"explain": "max_shard_retries", "filters": "max_unit_retries"}[name]
+    make(workers=2).validated()
+    for values in ({"workers": True}, {field: True}):
+        with pytest.raises(ConfigError, match="must be an integer >= .*received True"):
+            make(**values).validated()
