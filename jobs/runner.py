@@ -154,7 +154,9 @@ class UnitJob:
         return (self.fingerprint(),)
 
     def workers_ready(self, described: List[dict]) -> None:
-        """Every worker's `describe()` once all have loaded."""
+        """Every worker's `describe()` once all have loaded: recorded in job.json (device, backend...)."""
+        self.record["workers"] = described
+        self.write_json(self.layout.job_json, self.record)
 
     def unit_done(self, unit, marker: dict) -> None:
         self.log.shard_done(len(unit) if hasattr(unit, "__len__") else marker.get("rows", 0), marker)

@@ -75,3 +75,28 @@ def test_cli_jax_backend_same_contract_as_tensorflow(tmp_path):
     assert [w["tensorflow_imported"] for w in jobs["jax"]["workers"]] == [False]
     assert [w["tensorflow_imported"] for w in jobs["tensorflow"]["workers"]] == [True]
     assert all(w["backend"] == "jax" and w["read_threads"] >= 4 for w in jobs["jax"]["workers"])
+
+
+@pytest.mark.slow
+def test_filters_cli_jax_backend_same_filters_as_tensorflow(tmp_path):
+    """The filters kind on the backend seam too: same seeded weights and noise, same activations,
+    no TensorFlow in the driver or the worker under jax."""
+    pytest.importorskip("jax")
+    tables, jobs = {}, {}
+    for backend in ("tensorflow", "jax"):
+        out = str(tmp_path / f"vis_{backend}")
+        proc = _run(["filters", "--output", out, "--model", "cats_dogs", "--weights", "random", "--input-size", "48",
+                     "--size", "48", "--layers", "conv2d_1", "--steps", "3", "--filters-per-unit", "32",
+                     "--weights-filters", "2", "--weights-channels", "2", "--quiet", "--backend", backend])
+        assert proc.returncode == 0, f"{backend}: rc {proc.returncode} {proc.stderr[-3000:]}"
+        tables[backend] = pq.read_table(os.path.join(out, "filters", "manifest.parquet")).sort_by("filter_index")
+        jobs[backend] = json.load(open(os.path.join(out, "filters", "job.json")))
+    a, b = tables["tensorflow"], tables["jax"]
+    assert a.num_rows == b.num_rows == 64
+    assert a.column("model_fingerprint").to_pylist() == b.column("model_fingerprint").to_pylist()
+    np.testing.assert_allclose(a.column("activation_start").to_numpy(), b.column("activation_start").to_numpy(),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.column("activation_end").to_numpy(), b.column("activation_end").to_numpy(),
+                               rtol=2e-3, atol=1e-4)
+    assert [w["tensorflow_imported"] for w in jobs["jax"]["workers"]] == [False]
+    assert [w["backend"] for w in jobs["jax"]["workers"]] == ["jax"] and "tensorflow" not in jobs["jax"]["versions"]

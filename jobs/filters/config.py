@@ -18,6 +18,7 @@ from bulk_explain.workers.models import ModelSpec, model_kinds
 
 ALGORITHM = "lecture-gradient-ascent/1"
 DEFAULT_FILTERS_PER_UNIT = 64
+BACKENDS = ("tensorflow", "jax")
 # Where and how fast, not what: a change of these never refuses a DST (units are re-cut by
 # `filters_per_unit`, whose content hashes then differ).
 NON_RESULT_FIELDS = ("output", "address", "workers", "batch_size", "filters_per_unit", "max_unit_retries",
@@ -52,6 +53,7 @@ class FiltersConfig:
         progress: progress lines on stderr.
         s3_endpoint_url: S3-compatible endpoint for s3:// outputs.
         overwrite: replace the results of another model or other settings in DST (refused otherwise).
+        backend: the Keras backend of the driver and the workers (tensorflow or jax).
     """
 
     output: str
@@ -72,6 +74,7 @@ class FiltersConfig:
     progress: bool = True
     s3_endpoint_url: Optional[str] = None
     overwrite: bool = False
+    backend: str = "tensorflow"
 
     def validated(self) -> "FiltersConfig":
         """A normalized copy (absolute paths, layers as a tuple) after every check that needs no
@@ -115,6 +118,8 @@ class FiltersConfig:
         for name, value, low in (("size", self.size, 16), ("batch size", self.batch_size, 1),
                                  ("workers", self.workers, 1), ("input size", m.input_size, 8)):
             require_int(name, value, low, FiltersConfigError, optional=True)
+        if self.backend not in BACKENDS:
+            raise FiltersConfigError(f"unknown --backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise FiltersConfigError(f"learning rate must be a finite number > 0, received {lr!r}")
@@ -192,6 +197,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph...)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of another model or other settings in DST (refused otherwise)")
+    p.add_argument("--backend", default="tensorflow", choices=BACKENDS,
+                   help="Keras backend of the driver and the workers (jax needs the jax extra)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -223,4 +230,5 @@ def config_from_args(args) -> FiltersConfig:
         progress=not getattr(args, "quiet", False),
         s3_endpoint_url=getattr(args, "s3_endpoint_url", None),
         overwrite=bool(getattr(args, "overwrite", False)),
+        backend=getattr(args, "backend", "tensorflow"),
     ).validated()

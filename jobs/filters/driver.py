@@ -107,6 +107,7 @@ def worker_settings(config: FiltersConfig, size: int, model_fingerprint: str, ke
         "model_fingerprint": model_fingerprint,
         "settings_key": key,
         "tf_threads": tf_threads,
+        "backend": config.backend,
     }
 
 
@@ -119,8 +120,13 @@ class FiltersJob(UnitJob):
     item_noun = "filters"
 
     def prepare(self) -> None:
+        from bulk_explain.workers.backends import BackendError, select_backend
         from bulk_explain.workers.storage import StorageError, storage_for
 
+        try:
+            select_backend(self.config.backend)  # before Keras is imported here
+        except BackendError as exc:
+            raise FiltersConfigError(str(exc)) from None
         try:
             storage_for(self.config.output).check_access(self.config.output, write=True)
         except StorageError as exc:
@@ -135,10 +141,10 @@ class FiltersJob(UnitJob):
         return self.config.max_unit_retries
 
     def plan(self) -> Plan:
-        from bulk_explain.workers.tf_runtime import import_tensorflow_quietly
+        from bulk_explain.workers.tf_runtime import import_backend_quietly
 
         config = self.config
-        import_tensorflow_quietly()
+        import_backend_quietly(config.backend)  # TensorFlow quietly, or JAX without TensorFlow
         loaded, size = load_feature_model(config.model, config.size)
         layers = loaded.resolve_layers(config.layers)
         self.loaded, self.size, self.layers = loaded, size, layers
@@ -156,7 +162,7 @@ class FiltersJob(UnitJob):
         if previous and not self.config.overwrite and previous.get("model_fingerprint") != self.model_fingerprint:
             raise FiltersConfigError(different_results(self.config.output, "the model's weights or architecture "
                                                                             "(its fingerprint differs)"))
-        todo = len(units.todo) + len(units.roll_forward)
+        todo = len(units.todo)  # roll-forward units are committed (their marker is the commit point)
         self.log.message(f"{len(self.layers)} layer(s), {sum(self.filters.values())} filters at {self.size} px, "
                          f"{len(plan.units)} units ({len(plan.units) - todo} already committed, key {self.key})")
 
@@ -209,8 +215,10 @@ class FiltersJob(UnitJob):
     def worker(self, shape):
         from bulk_explain.workers.filters.worker import FilterWorker
 
+        from bulk_explain.workers.backends import BACKEND_ENV
+
         settings = worker_settings(self.config, self.size, self.model_fingerprint, self.key, shape["tf_threads"])
-        return FilterWorker, settings, {}, {}
+        return FilterWorker, settings, {BACKEND_ENV: self.config.backend}, {}
 
     def work_args(self) -> tuple:
         return (self.fingerprint(),)

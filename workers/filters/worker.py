@@ -6,6 +6,7 @@ explain kind's shards).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +39,13 @@ class FilterWorker:
 
     def __init__(self, settings: dict, loaded=None):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # KERAS_BACKEND before Keras is imported (the driver also sets it in the actor's env).
+        from bulk_explain.workers.backends import get_backend, select_backend
         from bulk_explain.workers.storage import configure_storage
-        from bulk_explain.workers.tf_runtime import configure_tensorflow
 
-        configure_tensorflow(settings.get("tf_threads"))
-        import tensorflow as tf
-
+        select_backend(settings.get("backend"))
+        self.backend = get_backend()
+        self.backend.configure(settings.get("tf_threads"))
         configure_storage("s3", endpoint_url=settings.get("s3_endpoint_url"))
         self.settings = settings
         if loaded is None:
@@ -56,7 +58,7 @@ class FilterWorker:
         self.loaded = loaded
         self.model = loaded.model
         self.size = int(settings["size"])
-        self.gpu = bool(tf.config.list_physical_devices("GPU"))
+        self.gpu = self.backend.has_gpu()
         self.layout = FiltersLayout(settings["output"])
         self.storage = self.layout.storage
         self._ascents = {}
@@ -67,7 +69,8 @@ class FilterWorker:
         return {"pid": os.getpid(), "gpu": self.gpu}
 
     def describe(self) -> dict:
-        return {"device": "gpu" if self.gpu else "cpu", "batch_size": self.settings.get("batch_size")}
+        return {"device": "gpu" if self.gpu else "cpu", "batch_size": self.settings.get("batch_size"),
+                "backend": self.backend.name, "tensorflow_imported": "tensorflow" in sys.modules}
 
     def ascent(self, layer: str):
         from bulk_explain.workers.filters.filter_vis import FilterAscent
