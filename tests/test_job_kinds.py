@@ -146,3 +146,115 @@ def test_a_bool_is_not_an_integer_for_any_kind(tmp_path, name):
     for values in ({"workers": True}, {field: True}):
         with pytest.raises(ConfigError, match="must be an integer >= .*received True"):
             make(**values).validated()
+
+
+# ---------------------------------------------------------------- a third kind, in a few lines
+# What the runner asks of a kind: a config, a plan, a worker and a finish. Nothing else is written
+# for it: lease, refusal, commit protocol, repair, pool, retries and signals come from the runner.
+
+import dataclasses  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from bulk_explain.jobs.runner import Plan, UnitJob, run_job  # noqa: E402
+from bulk_explain.jobs.validation import ConfigError, require_int  # noqa: E402
+from bulk_explain.workers.commit import commit_unit  # noqa: E402
+from bulk_explain.workers.layout import CommitLayout  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class SquaresConfig:
+    output: str
+    numbers: int = 10
+    per_unit: int = 4
+    overwrite: bool = False
+    address: Optional[str] = None
+    workers: Optional[int] = 1
+
+    def validated(self):
+        require_int("numbers", self.numbers, 1, ConfigError)
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def result_fingerprint(self):
+        return f"squares-1-{self.numbers}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    shard: int
+    start: int
+    stop: int
+    content_hash: str
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+class SquaresWorker:
+    def __init__(self, settings):
+        self.layout = CommitLayout(settings["output"])
+
+    def ping(self):
+        return os.getpid()
+
+    def process_shard(self, chunk, fingerprint):
+        xs = np.arange(chunk.start, chunk.stop, dtype=np.int64)
+        return commit_unit(self.layout, chunk.shard, pa.table({"x": xs, "square": xs * xs}), chunk.content_hash,
+                           fingerprint, {})
+
+
+class SquaresJob(UnitJob):
+    name = "squares"
+    item_noun = "numbers"
+
+    def prepare(self):
+        self.layout = CommitLayout(self.config.output)
+
+    def refusal(self, previous):
+        return ConfigError("other numbers in this output")
+
+    def max_retries(self):
+        return 1
+
+    def plan(self):
+        c = self.config
+        starts = range(0, c.numbers, c.per_unit)
+        return Plan(units=[Chunk(i, s, min(s + c.per_unit, c.numbers), f"{s}:{min(s + c.per_unit, c.numbers)}")
+                           for i, s in enumerate(starts)])
+
+    def worker(self, shape):
+        return SquaresWorker, {"output": self.config.output}, {}, {}
+
+    def finish(self, counts):
+        parts = [pq.read_table(self.layout.manifest_part(s)) for s in sorted(counts.markers)]
+        total = int(pa.concat_tables(parts).column("square").to_numpy().sum())
+        return total, {"total": total, "skipped": counts.skipped, "rolled_forward": counts.rolled_forward}
+
+
+def test_a_third_kind_is_a_config_a_plan_a_worker_and_a_finish(ray_local, tmp_path):
+    import sys
+
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's classes, by value
+    out = str(tmp_path / "squares")
+
+    def run(**kw):
+        total = run_job(SquaresJob(SquaresConfig(out, **kw), progress=False))
+        with open(os.path.join(out, "summary.json")) as f:
+            return total, json.load(f)
+
+    assert run() == (285, {"total": 285, "skipped": 0, "rolled_forward": 0})
+    with open(os.path.join(out, "job.json")) as f:
+        assert json.load(f)["kind"] == "squares"
+    assert sorted(os.listdir(os.path.join(out, "manifest"))) == [f"shard-0000{i}.parquet" for i in range(3)]
+    assert run() == (285, {"total": 285, "skipped": 3, "rolled_forward": 0})  # committed: nothing to do
+    layout = CommitLayout(out)
+    os.replace(layout.manifest_part(1), layout.staged_part(1))  # died after unit 1's marker
+    assert run() == (285, {"total": 285, "skipped": 3, "rolled_forward": 1})
+    with pytest.raises(ConfigError, match="other numbers"):  # the runner's refusal, the kind's words
+        run(numbers=12)
+    assert run(numbers=12, overwrite=True)[0] == sum(x * x for x in range(12))
