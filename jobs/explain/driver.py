@@ -435,12 +435,13 @@ def plan_inputs(config: ExplainConfig, layout: OutputLayout) -> PlannedInputs:
     except StorageError as exc:
         raise ConfigError(str(exc)) from None
     found_inputs = listing.num_rows
+    # Read once: --limit keeps the inputs it holds, the removal check and the matching compare with it.
+    stored = read_plan(layout.plan, columns=("shard", "source_uri", "size", "version"))
     limited = None
     if config.limit is not None and listing.num_rows > config.limit:
-        listing, limited = _limit_listing(listing, config.limit, None if config.overwrite else read_plan(layout.plan))
+        listing, limited = _limit_listing(listing, config.limit, None if config.overwrite else stored)
     # The safety check compares with the plan on disk even under --overwrite.
     _release_memory()
-    stored = read_plan(layout.plan, columns=("shard", "source_uri", "size", "version"))
     matched = match_previous(listing, stored) if stored is not None and listing.num_rows else None
     _release_memory()
     changes = plan_changes(stored, listing, prev_index=matched)
