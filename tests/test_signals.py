@@ -1,19 +1,17 @@
 """Signals reach both job kinds (issue 8 item 4, issue 9): Ctrl-C gives exit 130 even when the
 driver was started with SIGINT ignored or blocked; SIGINT/SIGTERM while Ray starts are deferred,
-then honoured (130/143, never exit 15 or SIGSEGV) and leave no Ray process in the driver's session;
-the filters job takes SIGTERM back from Ray (143) and keeps its committed units.
+then honoured (130/143, never exit 15 or SIGSEGV) and leave no Ray process in the driver's session.
+SIGTERM while a job's units run is tested for every kind in test_job_kinds.py.
 
 Every driver runs in its own session (start_new_session=True), so "no process left" means no process
 of that session id remains (GCS, raylet, DashboardAgent, RuntimeEnvAgent, workers).
 """
 
 import glob
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -124,49 +122,3 @@ def test_signal_during_ray_startup_is_honoured_and_leaves_no_ray_process(tmp_pat
     assert session_left(proc) == []
     # interrupted before any shard ran: nothing is visible
     assert not glob.glob(os.path.join(out, "manifest", "*.parquet"))
-
-
-FILTER_ARGS = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64", "--size", "64",
-               "--layers", "conv2d", "--filters-per-unit", "4", "--steps", "2", "--workers", "1", "--batch-size", "4"]
-SECRET = "sentinel-pw-9d1e"
-
-
-def test_filters_job_sigterm_exits_143_keeps_committed_units_and_leaks_no_endpoint(tmp_path):
-    out = str(tmp_path / "vis")
-    flag = str(tmp_path / "flag")
-    # An endpoint with a password holding "/" (unused: the output is local) must reach neither
-    # filters/job.json nor Ray's logs (Ray logs runtime_env).
-    endpoint = f"http://minio:{SECRET}/x@127.0.0.1:9"
-    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths are limited
-    args = ["filters", "--output", out, *FILTER_ARGS, "--s3-endpoint-url", endpoint]
-    try:
-        proc = start(args, "after_marker", flag, action="pause", RAY_TMPDIR=ray_tmp)
-        worker_pid, _ = wait_flag(flag, proc)
-        assert worker_pid != proc.pid  # the fault point is forwarded to the filters worker
-        os.kill(proc.pid, signal.SIGTERM)
-        rc, err = finish(proc)
-        assert rc == 143, err[-3000:]
-        assert "interrupted (SIGTERM)" in err
-        assert session_left(proc) == []
-
-        job = json.load(open(os.path.join(out, "filters", "job.json")))
-        assert SECRET not in json.dumps(job)
-        assert job["config"]["s3_endpoint_url"] == "http://***@127.0.0.1:9"
-        logs = [p for p in glob.glob(os.path.join(ray_tmp, "**", "*"), recursive=True) if os.path.isfile(p)]
-        assert logs, "Ray wrote no logs under RAY_TMPDIR"
-        for path in logs:
-            with open(path, "rb") as f:
-                assert SECRET.encode() not in f.read(), path
-
-        committed = glob.glob(os.path.join(out, "filters", "_commits", "shard-*.json"))
-        assert committed  # the unit that fired committed before the worker paused
-        proc = start(args[:-2])
-        rc, err = finish(proc, timeout=300)
-        assert rc == 0, err[-3000:]
-        assert f"({len(committed)} already committed, key" in err
-        summary = json.load(open(os.path.join(out, "filters", "summary.json")))
-        assert summary["skipped_units"] == len(committed) and summary["rows"] == 32
-    finally:
-        import shutil
-
-        shutil.rmtree(ray_tmp, ignore_errors=True)
