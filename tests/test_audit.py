@@ -280,9 +280,13 @@ def test_missing_audit_dependency_is_one_line(tmp_path):
                           env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
     assert proc.returncode == 5, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "pip install 'bulk-explain[audit]'" in proc.stderr
-    help_text = subprocess.run([sys.executable, "-m", "bulk_explain", "--help"], capture_output=True, text=True,
-                               env=dict(os.environ, PYTHONPATH=REPO), timeout=120).stdout
-    assert "audit" in help_text  # the command is there even without the extra
+    blocked = ("import sys; sys.modules['cleanlab'] = None\n"
+               "from bulk_explain.jobs.cli import main; raise SystemExit(main(sys.argv[1:]))")
+    help_text = subprocess.run([sys.executable, "-c", blocked, "--help"], capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert help_text.returncode == 0 and "audit" in help_text.stdout  # the command is there without the extra
+    assert "--gate" in subprocess.run([sys.executable, "-c", blocked, "audit", "--help"], capture_output=True,
+                                      text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120).stdout
 
 
 # ------------------------------------------------------------------------------ report in Chromium
