@@ -156,6 +156,31 @@ def visible_state(out):
     return seen
 
 
+def committed_parts(out):
+    """{shard: (sha256 of its visible part's bytes, its commit marker)} for every visible shard: a
+    shard that survives unchanged keeps both (a redone shard gets a new attempt, so new bytes)."""
+    import hashlib
+
+    manifest = os.path.join(out, "manifest")
+    found = {}
+    for name in sorted(os.listdir(manifest)) if os.path.isdir(manifest) else []:
+        if name.startswith("shard-") and name.endswith(".parquet"):
+            shard = int(name[6:11])
+            with open(os.path.join(manifest, name), "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            found[shard] = (digest, json.load(open(os.path.join(out, "_commits", f"shard-{shard:05d}.json"))))
+    return found
+
+
+def assert_survived(before, out):
+    """Every shard visible in `before` (committed_parts) is still visible, with the same bytes and
+    marker: the resume kept committed rows as they were, it neither deleted nor redid them."""
+    after = committed_parts(out)
+    lost = sorted(s for s in before if s not in after)
+    changed = sorted(s for s in before if s in after and after[s] != before[s])
+    assert not lost and not changed, f"committed shards lost {lost}, rewritten {changed}"
+
+
 def assert_exactly_once(out, inputs):
     seen = visible_state(out)
     assert sorted(seen) == sorted(inputs)
@@ -203,7 +228,7 @@ def test_driver_killed_at_every_step_then_resumed(tmp_path):
     assert c_shard not in seen.values()
     assert os.path.exists(os.path.join(out, "_commits", f"shard-{c_shard:05d}.json"))
     committed_before_d = len(seen) // 2
-    before_d = seen
+    before_d, parts_before_d = seen, committed_parts(out)
 
     # D. Ctrl-C while a shard is in flight: exit 130, committed work kept; this run first
     #    published shard C from _staging/ ("roll forward")
@@ -214,19 +239,21 @@ def test_driver_killed_at_every_step_then_resumed(tmp_path):
     assert rc == 130, err[-3000:]
     assert "re-run the same command to resume" in err
     assert "published 1 shards committed by an interrupted run" in err
+    assert_survived(parts_before_d, out)  # what B and C left visible is still there, not redone
     seen = visible_state(out)
     assert c_shard in seen.values() and len(seen) // 2 >= committed_before_d + 1
     assert before_d.items() <= seen.items()  # every row committed before is still there, same shard
     assert_session_ends(proc)  # workers and Ray stopped with the driver
 
     # E. SIGTERM (what `ray job stop`, Kubernetes and systemd send): exit 143, work kept
-    before_e = visible_state(out)
+    before_e, parts_before_e = visible_state(out), committed_parts(out)
     proc = start(args, "before_stage", str(flags / "e"))
     wait_flag(str(flags / "e"), proc)
     os.kill(proc.pid, signal.SIGTERM)
     rc, err = finish(proc, timeout=120)
     assert rc == 143, err[-3000:]
     assert "interrupted (SIGTERM)" in err
+    assert_survived(parts_before_e, out)  # shard C (rolled forward by D) at least
     seen = visible_state(out)
     assert before_e and before_e.items() <= seen.items()  # committed rows survived the interruption
     assert_session_ends(proc)
@@ -284,6 +311,105 @@ def test_shard_that_keeps_killing_its_worker_fails_after_bounded_retries(ray_loc
     new_ids = {u: r["image_id"] for u, r in _rows(out).items()}
     assert [u for u in inputs if new_ids[u] != old_ids[u]] == [inputs[7]]
 
+
+
+API_INTERRUPT_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    import ray
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
+
+    root, out = sys.argv[1:3]
+    config = ExplainConfig(inputs=(root,), output=out, batch_size=2, shard_size=2,
+                           model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
+
+    def others():  # every process of this session but this one: Ray's GCS, raylet, agents, workers
+        me, found = os.getpid(), {}
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) != me:
+                try:
+                    fields = open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()
+                    cmd = open(f"/proc/{name}/cmdline", "rb").read().replace(b"\\0", b" ")[:120].decode(errors="replace")
+                except OSError:
+                    continue
+                if int(fields[3]) == me and fields[0] != "Z":
+                    found[int(name)] = cmd
+        return found
+
+    try:
+        run_explain(config, progress=False)
+        outcome = "returned"
+    except KeyboardInterrupt:
+        outcome = "KeyboardInterrupt"
+    except SystemExit as exc:
+        outcome = f"SystemExit({exc.code})"
+    # The caller goes on (a notebook, a service): what the job started must stop now, on the way out
+    # of run_explain, not when this interpreter exits (Ray's atexit hook would hide a leak there).
+    deadline = time.monotonic() + 90
+    while others() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print(json.dumps({"outcome": outcome, "ray_initialized": ray.is_initialized(), "left": others()}), flush=True)
+""")
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupted_api_call_stops_its_workers_and_ray_before_it_returns(tmp_path, signame):
+    """Ctrl-C / SIGTERM during `run_explain` in a process that lives on: the workers and the Ray
+    that the call started are stopped by the call itself. (The CLI steps D and E above cannot tell:
+    Ray's own atexit hook shuts Ray down when the driver process exits anyway.)"""
+    make_inputs(str(tmp_path / "in"), 4, seed=4)
+    flag = str(tmp_path / "flag")
+    env = dict(os.environ, **ENV, BULK_EXPLAIN_TEST_CRASH_AT="before_stage", BULK_EXPLAIN_TEST_CRASH_ACTION="pause",
+               BULK_EXPLAIN_TEST_CRASH_FLAG=flag)
+    proc = subprocess.Popen([sys.executable, "-c", API_INTERRUPT_SCRIPT, str(tmp_path / "in"), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        worker_pid, _ = wait_flag(flag, proc)  # a worker is in the middle of a shard
+        assert worker_pid != proc.pid
+        os.kill(proc.pid, getattr(signal, signame))
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        kill_session(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["outcome"] == ("KeyboardInterrupt" if signame == "SIGINT" else "SystemExit(143)"), report
+    assert report["ray_initialized"] is False, report
+    assert report["left"] == {}, f"still running after run_explain returned: {report['left']}"
+
+
+def test_interrupted_run_in_the_callers_ray_kills_its_actors_and_leaves_ray_up(ray_local, tmp_path, monkeypatch):
+    """Ctrl-C during `run_explain` in a Ray the caller started: Ray stays up (it is the caller's),
+    but the job's actors are killed on the way out, so they hold no CPUs or GPUs afterwards."""
+    from ray.exceptions import RayActorError
+
+    from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.jobs.distribute import ActorPool
+    from bulk_explain.jobs.progress import Progress
+
+    make_inputs(str(tmp_path / "in"), 6, seed=5)
+    pools = []
+    real_init = ActorPool.__init__
+    monkeypatch.setattr(ActorPool, "__init__", lambda self, *a, **k: pools.append(self) or real_init(self, *a, **k))
+
+    def ctrl_c(self, images, marker):  # the first shard committed, then the user presses Ctrl-C
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(Progress, "shard_done", ctrl_c)
+    config = ExplainConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), batch_size=2, shard_size=2,
+                           model=ModelSpec(kind="cats_dogs", weights="random", input_size=64))
+    with pytest.raises(KeyboardInterrupt):
+        run_explain(config, progress=False)
+    assert ray_local.is_initialized()
+    actors = [a for pool in pools for a in pool.actors]
+    assert actors
+    alive = []
+    for actor in actors:
+        try:
+            ray_local.get(actor.ping.remote(), timeout=120)
+            alive.append(actor)
+        except RayActorError:
+            pass
+    assert alive == [], f"{len(alive)} of the job's actors still run after the interrupt"
 
 def _rows(out):
     return {r["source_uri"]: r for r in ds.dataset(os.path.join(out, "manifest")).to_table().to_pylist()}
@@ -350,11 +476,14 @@ def test_node_leaving_a_two_node_cluster(tmp_path):
 
 
 def test_roll_forward_checks_the_staged_part_and_temp_files_are_deleted(ray_local, tmp_path):
-    """A marker whose staged part holds other rows is not published (the shard is redone), a
-    matching one is (roll forward), and temp files of crashed writes are deleted."""
+    """A marker whose staged part holds other rows is not published (the shard is redone), even
+    when the part's footer names that marker's commit; a matching one is (roll forward); temp
+    files of crashed writes are deleted."""
     import shutil
 
     from bulk_explain.jobs import ExplainConfig, ModelSpec, run_explain
+    from bulk_explain.workers.storage import storage_for
+    from bulk_explain.workers.commit import marker_agrees, read_part_commit
 
     inputs = make_inputs(str(tmp_path / "in"), 8, seed=3)
     out = str(tmp_path / "out")
@@ -369,6 +498,16 @@ def test_roll_forward_checks_the_staged_part_and_temp_files_are_deleted(ray_loca
     # shard 1: its marker is there, but the staged bytes are shard 2's rows -> must not be published
     os.remove(part(manifest, 1))
     shutil.copy(part(manifest, 2), part(staging, 1))
+    # shard 3: the staged part's footer names shard 3's commit (attempt, content hash, shard), but
+    # its rows are shard 2's -> must not be published either: the rows are checked, not the footer alone
+    os.remove(part(manifest, 3))
+    rows_of_2 = pq.read_table(part(manifest, 2))
+    marker_3 = json.load(open(os.path.join(out, "_commits", "shard-00003.json")))
+    footer = dict(rows_of_2.schema.metadata)
+    footer.update({b"bulk_explain.attempt_id": marker_3["attempt_id"].encode(),
+                   b"bulk_explain.content_hash": marker_3["content_hash"].encode(), b"bulk_explain.shard": b"3"})
+    pq.write_table(rows_of_2.replace_schema_metadata(footer), part(staging, 3))
+    assert marker_agrees(marker_3, read_part_commit(storage_for(part(staging, 3)), part(staging, 3)))
     temps = [os.path.join(out, folder, f"_tmp-{'ab' * 16}-{name}.tmp")
              for folder, name in (("manifest", "shard-00001.parquet"), ("_commits", "shard-00001.json"),
                                   ("_staging", "shard-00003.parquet"))]
@@ -379,6 +518,6 @@ def test_roll_forward_checks_the_staged_part_and_temp_files_are_deleted(ray_loca
     result = run_explain(config, progress=False)
     assert result.exit_code == 0
     assert result.rolled_forward_shards == 1
-    assert (result.processed_shards, result.skipped_shards) == (1, 3)
+    assert (result.processed_shards, result.skipped_shards) == (2, 2)  # 1 and 3 redone; 0 and 2 kept
     assert [p for p in temps if os.path.exists(p)] == []
     assert_exactly_once(out, inputs)
