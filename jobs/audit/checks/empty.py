@@ -3,8 +3,6 @@ are null. They are excluded from clustering, so they are never mistaken for "loo
 
 from __future__ import annotations
 
-import numpy as np
-
 from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
 
 LOCALIZING_METHODS = {"gradcam": "layercam or gradcam++", "gradcam++": "layercam", "layercam": "gradcam++"}
