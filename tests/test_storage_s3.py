@@ -89,7 +89,7 @@ def test_page_size_from_environment_is_respected(big_prefix, s3_endpoint, monkey
 
     for bad in ("5000", "1.5"):  # out of range; not an integer
         monkeypatch.setenv("BULK_EXPLAIN_S3_PAGE_SIZE", bad)
-        with pytest.raises(StorageError, match=rf"^BULK_EXPLAIN_S3_PAGE_SIZE must be an integer \(1 to 1000\), "
+        with pytest.raises(StorageError, match=rf"^BULK_EXPLAIN_S3_PAGE_SIZE must be an integer from 1 to 1000, "
                                                rf"received '{bad}'$"):
             next(S3Storage(endpoint_url=s3_endpoint).list_files(f"s3://{bucket}/big"))
 

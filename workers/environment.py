@@ -34,8 +34,9 @@ def env_number(name: str, default: Number, minimum: Number, maximum: Optional[Nu
 
     Raises:
         ValueError: the value is not a number of that kind or is out of range; one line naming
-            the variable, what it must be and what it holds, e.g. "BULK_EXPLAIN_LEASE_SECONDS
-            must be a number of seconds (at least 1), received 'soon'".
+            the variable, what it must be and what it holds, in the words of
+            `jobs.validation.require_int`: "BULK_EXPLAIN_LEASE_SECONDS must be a number of
+            seconds >= 1, received 'soon'".
     """
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -46,8 +47,8 @@ def env_number(name: str, default: Number, minimum: Number, maximum: Optional[Nu
         value = None
     if value is None or not value >= minimum or (maximum is not None and not value <= maximum):
         what = ("an integer" if kind is int else "a number") + (f" of {unit}" if unit else "")
-        limits = f"at least {minimum:g}" if maximum is None else f"{minimum:g} to {maximum:g}"
-        raise ValueError(f"{name} must be {what} ({limits}), received {raw!r}")
+        limits = f">= {minimum:g}" if maximum is None else f"from {minimum:g} to {maximum:g}"
+        raise ValueError(f"{name} must be {what} {limits}, received {raw!r}")
     return value
 
 
