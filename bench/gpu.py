@@ -41,24 +41,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench._images import photo_like  # noqa: E402
+
 # The measurement this benchmark is compared with (one H200, 16 cores, 2026-11-26; issue 10).
 REFERENCE = {
     "compute float32": 7306, "compute mixed_bfloat16": 12446, "host ceiling default": 1006,
     "host ceiling 256 px": 1957, "end to end default": 900, "end to end 256 px": 1800,
 }
-
-
-def photo_like(rng, h, w):
-    """A smooth photo-like RGB image (JPEG-friendly, not white noise)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), np.float32)
-    for c in range(3):
-        img[..., c] = 128 + 60 * np.sin(xx / rng.uniform(5, 40) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(5, 40))
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, min(h, w) / 3)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def make_inputs(folder, n, unique, size, threads):

@@ -24,16 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-
-def photo_like(rng, h, w):
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), np.float32)
-    for c in range(3):
-        img[..., c] = 128 + 60 * np.sin(xx / rng.uniform(5, 40) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(5, 40))
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(5, min(h, w) / 3)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
+from bench._images import photo_like
 
 
 def seconds_per_image(step, images):
@@ -60,7 +51,7 @@ def main(argv=None):
     size = args.input_size or (150 if args.model == "cats_dogs" else 224)
     loaded = load_model(ModelSpec(kind=args.model, weights="random", input_size=size, seed=0))
     rng = np.random.default_rng(0)
-    images = np.stack([photo_like(rng, size, size) for _ in range(args.images)])
+    images = np.stack([photo_like(rng, size, size, min_radius=5, noise=0) for _ in range(args.images)])
     configs = [
         ("gradcam", dict(method="gradcam")),
         ("gradcam++", dict(method="gradcam++")),

@@ -98,6 +98,34 @@ def test_empty_maps_are_listed_and_never_clustered(tmp_path):
     assert "layercam" in empty_finding["details"] and empty_finding["status"] == "warn"
 
 
+def test_check_helpers_flag_rank_and_count_per_class():
+    """`Check.flag` (share, rows worst first) and `Check.count_by_class`, which every check uses."""
+    from bulk_explain.jobs.audit.checks import Check
+
+    check = Check()
+    population = np.array([True, True, True, True, False, True])
+    flagged = np.array([False, True, True, False, False, True])
+    scores = np.array([0.9, 0.4, 0.1, 0.8, 0.0, 0.4], np.float32)
+    value, rows, ranked_scores = check.flag(flagged, population, scores)
+    assert value == 3 / 5 and rows.tolist() == [2, 1, 5] and ranked_scores.tolist() == scores[[2, 1, 5]].tolist()
+    assert rows.dtype == np.int64 and ranked_scores.dtype == np.float32
+    highest_first = lambda s: np.argsort(-s, kind="stable")  # noqa: E731
+    assert check.flag(flagged, population, scores, highest_first)[1].tolist() == [1, 5, 2]
+    # row numbers instead of a mask: ties keep the given order under a stable sort
+    assert check.flag(np.array([5, 1]), population, scores, highest_first)[1].tolist() == [5, 1]
+    value, rows, ones = check.flag(flagged, population, worst_first=None)  # manifest order, scored 1
+    assert rows.tolist() == [1, 2, 5] and ones.tolist() == [1.0, 1.0, 1.0]
+    assert check.flag(np.zeros(6, bool), population, scores)[0] == 0.0
+
+    names = ["cat", "dog", "owl", "fox"]
+    codes = np.array([1, 3, 1, -1, 0, 3, 1])  # -1: no class, not counted; owl: none, left out
+    assert list(check.count_by_class(codes, names).items()) == [("dog", 3), ("fox", 2), ("cat", 1)]
+    assert list(check.count_by_class(codes, names, top=2).items()) == [("dog", 3), ("fox", 2)]
+    assert check.count_by_class(np.array([2, 0]), names) == {"cat": 1, "owl": 1}
+    assert list(check.count_by_class(np.array([2, 0]), names)) == ["cat", "owl"]  # ties in class order
+    assert check.count_by_class(np.zeros(0, np.int32), names) == {}
+
+
 # ------------------------------------------------------------------------- real runs on planted data
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import photo_like, write_image
-from test_localization import SIZE, make_shapes
+from _trained_models import train_shapes_model
 
 
 # ---------------------------------------------------------------------------- references
@@ -112,21 +112,7 @@ def reference_linear_impute(img, removed):
 @pytest.fixture(scope="module")
 def shapes_model():
     """The lecture's convnet trained on squares (class 0) vs rings (class 1) at a random place."""
-    import keras
-
-    from bulk_explain.workers.models import LoadedModel, build_cats_dogs_convnet
-    from bulk_explain.workers.preprocessing import Preprocessing
-
-    rng = np.random.default_rng(0)
-    x_train, y_train, _ = make_shapes(400, rng)
-    x_test, y_test, _ = make_shapes(32, rng)
-    keras.utils.set_random_seed(0)
-    model = build_cats_dogs_convnet(SIZE)
-    model.compile(optimizer=keras.optimizers.RMSprop(1e-3), loss="binary_crossentropy", metrics=["accuracy"])
-    model.fit(x_train / 255.0, y_train, epochs=5, batch_size=32, verbose=0)
-    accuracy = model.evaluate(x_test / 255.0, y_test, verbose=0)[1]
-    assert accuracy >= 0.9, f"the synthetic task did not train (accuracy {accuracy})"
-    loaded = LoadedModel(model, ["square", "ring"], Preprocessing(SIZE, SIZE, "rescale"), "sigmoid")
+    loaded, x_test, y_test, _ = train_shapes_model(400, 32, epochs=5)
     return loaded, x_test, y_test
 
 

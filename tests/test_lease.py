@@ -245,6 +245,12 @@ def test_bad_lease_duration_is_a_one_line_config_error(monkeypatch, tmp_path):
     monkeypatch.setenv("BULK_EXPLAIN_LEASE_SECONDS", "soon")
     with pytest.raises(ValueError, match="BULK_EXPLAIN_LEASE_SECONDS must be a number"):
         LeaseOptions().duration()
+    monkeypatch.setenv("BULK_EXPLAIN_LEASE_SECONDS", "0.5")  # a number, but too short: still names the variable
+    with pytest.raises(ValueError, match=r"^BULK_EXPLAIN_LEASE_SECONDS must be a number of seconds >= 1, "
+                                         r"received '0.5'$"):
+        LeaseOptions().duration()
+    monkeypatch.setenv("BULK_EXPLAIN_LEASE_SECONDS", " 2.5 ")
+    assert LeaseOptions().duration() == 2.5
     assert LeaseOptions(duration_seconds=5).duration() == 5
     with pytest.raises(ValueError, match="at least 1 s"):
         LeaseOptions(duration_seconds=0.1).duration()

@@ -10,7 +10,7 @@ def trained():
     """The lecture's convnet at 64 px, trained briefly on the synthetic squares-vs-rings task."""
     import keras
 
-    from test_localization import make_shapes
+    from _trained_models import make_shapes
     from bulk_explain.workers.models import LoadedModel, build_cats_dogs_convnet, seeded_random_weights
     from bulk_explain.workers.preprocessing import Preprocessing
 

@@ -87,9 +87,11 @@ def test_page_size_from_environment_is_respected(big_prefix, s3_endpoint, monkey
     assert [c["max-keys"] for c in calls] == [["700"]] * 8
     assert all("continuation-token" in c for c in calls[1:])
 
-    monkeypatch.setenv("BULK_EXPLAIN_S3_PAGE_SIZE", "5000")
-    with pytest.raises(StorageError, match="BULK_EXPLAIN_S3_PAGE_SIZE"):
-        next(S3Storage(endpoint_url=s3_endpoint).list_files(f"s3://{bucket}/big"))
+    for bad in ("5000", "1.5"):  # out of range; not an integer
+        monkeypatch.setenv("BULK_EXPLAIN_S3_PAGE_SIZE", bad)
+        with pytest.raises(StorageError, match=rf"^BULK_EXPLAIN_S3_PAGE_SIZE must be an integer from 1 to 1000, "
+                                               rf"received '{bad}'$"):
+            next(S3Storage(endpoint_url=s3_endpoint).list_files(f"s3://{bucket}/big"))
 
 
 def test_listing_is_streamed_page_by_page(big_prefix, s3_endpoint):

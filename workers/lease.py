@@ -36,6 +36,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
+from bulk_explain.workers.environment import env_number
 from bulk_explain.workers.storage import Storage, storage_for
 
 LEASE_NAME = "_lease.json"
@@ -110,13 +111,7 @@ class LeaseOptions:
         """The duration in effect. Raises ValueError (a one-line config error) if it is invalid."""
         value = self.duration_seconds
         if value is None:
-            raw = os.environ.get(DURATION_ENV, "").strip()
-            if not raw:
-                return DEFAULT_DURATION
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{DURATION_ENV} must be a number of seconds, received {raw!r}") from None
+            return env_number(DURATION_ENV, DEFAULT_DURATION, MIN_DURATION, unit="seconds")
         if not value >= MIN_DURATION:
             raise ValueError(f"lease duration must be at least {MIN_DURATION:g} s, received {value!r}")
         return float(value)

@@ -45,6 +45,7 @@ import threading
 import time
 from typing import Dict, Iterator, Optional, Tuple
 
+from bulk_explain.workers.environment import env_number
 from bulk_explain.workers.storage import (IMAGE_EXTENSIONS, FileEntry, Storage, StorageError, Versioned,
                              register_storage)
 
@@ -107,16 +108,10 @@ def _is_aws_endpoint(url: str) -> bool:
 
 
 def _env_int(name: str, default: int, lo: int, hi: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
     try:
-        value = int(raw)
-    except ValueError:
-        raise StorageError(f"{name} must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise StorageError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
+        return env_number(name, default, lo, hi, kind=int)
+    except ValueError as exc:
+        raise StorageError(str(exc)) from None
 
 
 class S3Storage(Storage):

@@ -8,7 +8,7 @@ first, and what the report shows. Status and gates are applied by the driver, th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
@@ -67,6 +67,48 @@ class Check:
 
     def run(self, ctx: AuditContext) -> Finding:
         raise NotImplementedError
+
+    def flag(self, flagged: np.ndarray, population: np.ndarray, scores: Optional[np.ndarray] = None,
+             worst_first: Optional[Callable] = np.argsort) -> Tuple[float, np.ndarray, np.ndarray]:
+        """The flagged share of the measured images and the flagged rows, worst first.
+
+        Args:
+            flagged: the images the check flags (a subset of `population`): a boolean mask over
+                the manifest rows, or their row numbers (ties keep this order where `worst_first`
+                is stable).
+            population: boolean mask over the manifest rows: the images the check measured (at
+                least one).
+            scores: one score per manifest row (only the flagged rows' are read); None scores every
+                flagged row 1.
+            worst_first: returns the order of the flagged rows' scores, worst first (default:
+                ascending); None keeps the rows in manifest order.
+
+        Returns:
+            `(value, rows, scores)`: the share of `population` that is flagged, the flagged row
+            numbers (int64) and their scores (float32), worst first.
+        """
+        flagged = np.asarray(flagged)
+        rows = np.flatnonzero(flagged) if flagged.dtype == bool else flagged.astype(np.int64)
+        scores = np.ones(len(rows), np.float32) if scores is None else np.asarray(scores)[rows]
+        value = float(len(rows) / np.count_nonzero(population))
+        return (value,) + ranked(rows, scores, worst_first or (lambda s: np.arange(len(s))))
+
+    def count_by_class(self, codes: np.ndarray, names: Sequence[str], top: Optional[int] = None) -> Dict[str, int]:
+        """Images per class, most frequent first.
+
+        Args:
+            codes: one class index per image (into `names`); negative codes (no class) are not
+                counted.
+            names: the class names, by index.
+            top: keep only the `top` most frequent classes (None: all).
+
+        Returns:
+            `{class name: images}` for the classes with at least one image, most frequent first,
+            ties in class order.
+        """
+        codes = np.asarray(codes)
+        counts = np.bincount(codes[codes >= 0], minlength=len(names))
+        return {names[c]: int(counts[c]) for c in np.argsort(-counts, kind="stable")[:top] if counts[c]}
 
 
 _CHECKS: Dict[str, Type[Check]] = {}

@@ -22,18 +22,14 @@ class ClassBalance(Check):
         data = ctx.data
         ok = data.ok & (data.pred >= 0)
         pred_names = np.asarray(data.class_names, object)
-        pred_counts = np.bincount(data.pred[ok], minlength=data.num_classes)
-        predicted = {data.class_names[c]: int(pred_counts[c]) for c in np.argsort(-pred_counts)[:MAX_CLASSES_SHOWN]
-                     if pred_counts[c]}
+        predicted = self.count_by_class(data.pred[ok], data.class_names, MAX_CLASSES_SHOWN)
         label_class = label_classes(data.label_names, data.class_names)
         labelled = ok & (data.label_codes >= 0)
         if not labelled.any() or not len(label_class):
             return Finding(None, "skipped: no labelled images (labels are parent folder names)",
                            data={"predicted": predicted})
         per_row = label_class[data.label_codes[labelled]]
-        label_counts = np.bincount(data.label_codes[labelled], minlength=len(data.label_names))
-        labels = {data.label_names[i]: int(label_counts[i]) for i in np.argsort(-label_counts)[:MAX_CLASSES_SHOWN]
-                  if label_counts[i]}
+        labels = self.count_by_class(data.label_codes[labelled], data.label_names, MAX_CLASSES_SHOWN)
         matched = per_row >= 0
         # Distributions compared in class space over images whose label names a class.
         lab = np.bincount(per_row[matched], minlength=data.num_classes).astype(float)

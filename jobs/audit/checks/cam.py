@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
 from bulk_explain.jobs.audit.data import CENTRE
 
 
@@ -27,8 +27,7 @@ class CamBorder(Check):
             return Finding(None, "skipped: no image has a CAM peak")
         hit = usable & in_border(data.peak_x, data.peak_y, b)
         outer = np.where(np.isfinite(data.outer), data.outer, 1.0)
-        rows, scores = ranked(np.flatnonzero(hit), outer[hit], lambda s: np.argsort(-s, kind="stable"))
-        value = float(hit.sum() / usable.sum())
+        value, rows, scores = self.flag(hit, usable, outer, lambda s: np.argsort(-s, kind="stable"))
         finite = data.outer[usable & np.isfinite(data.outer)]
         median = float(np.median(finite)) if len(finite) else None
         lo, hi = CENTRE

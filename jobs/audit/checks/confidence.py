@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
 
 
 @register_check
@@ -23,13 +23,12 @@ class LowConfidence(Check):
         if not ok.any():
             return Finding(None, "skipped: no readable images")
         unsure = ok & (data.pred_score < below)
-        rows, scores = ranked(np.flatnonzero(unsure), data.pred_score[unsure])  # least sure first
-        value = float(unsure.sum() / ok.sum())
-        per_class = collections.Counter(data.class_names[c] for c in data.pred[unsure])
+        value, rows, scores = self.flag(unsure, ok, data.pred_score)  # least sure first
+        per_class = self.count_by_class(data.pred[unsure], data.class_names, top=20)
         return Finding(
-            value, f"{int(unsure.sum())} of {int(ok.sum())} images ({value:.1%}) have a top probability under {below:g}",
+            value, f"{len(rows)} of {int(ok.sum())} images ({value:.1%}) have a top probability under {below:g}",
             rows=rows, scores=scores, score_name="top probability",
-            data={"threshold": below, "by_predicted_class": dict(per_class.most_common(20))},
+            data={"threshold": below, "by_predicted_class": per_class},
         )
 
 

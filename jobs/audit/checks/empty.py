@@ -3,8 +3,6 @@ are null. They are excluded from clustering, so they are never mistaken for "loo
 
 from __future__ import annotations
 
-import numpy as np
-
 from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
 
 LOCALIZING_METHODS = {"gradcam": "layercam or gradcam++", "gradcam++": "layercam", "layercam": "gradcam++"}
@@ -25,16 +23,12 @@ class EmptyMaps(Check):
         if not ok.any():
             return Finding(None, "skipped: no readable images")
         empty = ok & data.cam_empty
-        rows = np.flatnonzero(empty)
-        value = float(len(rows) / ok.sum())
+        value, rows, scores = self.flag(empty, ok, data.pred_score, worst_first=None)
         method = str((data.job.get("config") or {}).get("cam_method") or "gradcam")
         suggestion = LOCALIZING_METHODS.get(method, "layercam")
-        per_class = {}
-        for c in np.unique(data.pred[empty]):
-            per_class[data.class_names[c]] = int((data.pred[empty] == c).sum())
+        per_class = self.count_by_class(data.pred[empty], data.class_names)
         text = f"{len(rows)} of {int(ok.sum())} images ({value:.1%}) have an all-zero {method} map"
         if len(rows):
             text += f"; to see where the model looks, re-run with --cam-method {suggestion} (they localize)"
-        return Finding(value, text, rows=rows, scores=data.pred_score[rows].astype(np.float32),
-                       score_name="top probability",
+        return Finding(value, text, rows=rows, scores=scores, score_name="top probability",
                        data={"cam_method": method, "suggestion": suggestion, "by_predicted_class": per_class})

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, ranked, register_check
+from bulk_explain.jobs.audit.checks import AuditContext, Check, Finding, register_check
 from bulk_explain.jobs.audit.data import label_classes
 
 # Above this many labelled rows cleanlab's batched variant bounds memory (its documented regime).
@@ -68,12 +68,11 @@ class LabelIssues(Check):
             return Finding(None, f"skipped: {int(usable.sum())} images have a folder label that names a model "
                            f"class, in {len(classes)} classes (confident learning needs two)", note=note)
         rows = np.flatnonzero(usable)
-        probs = label_space_probabilities(data, classes)[rows]
-        labels = np.searchsorted(classes, per_row[rows])
-        issues = _find_label_issues(labels, probs, ctx.config.label_filter)
-        self_conf = probs[np.arange(len(rows)), labels]
-        flagged, scores = ranked(rows[issues], self_conf[issues])  # least confident in its label first
-        value = len(issues) / len(rows)
+        probs = label_space_probabilities(data, classes)
+        labels = np.searchsorted(classes, per_row)  # meaningful on usable rows only
+        issues = _find_label_issues(labels[rows], probs[rows], ctx.config.label_filter)
+        self_conf = probs[np.arange(len(probs)), labels]
+        value, flagged, scores = self.flag(rows[issues], usable, self_conf)  # least confident in its label first
         names = [data.class_names[c] for c in classes]
         return Finding(
             value,
