@@ -1,6 +1,6 @@
 """One runner for every job kind that computes units of work on Ray actors.
 
-A kind (`UnitJob` subclass: `bulk_explain.jobs.explain.kind`, `bulk_explain.jobs.filters.kind`)
+A kind (`UnitJob` subclass: `bulk_explain.jobs.explain.driver`, `bulk_explain.jobs.filters.driver`)
 supplies its config, plan, worker and finish; the runner owns the steps every kind must take in the
 same order, so a new kind gets them for free:
 
