@@ -32,6 +32,7 @@ import time
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from bulk_explain.jobs import units as unit_files
+from bulk_explain.jobs.validation import ConfigError
 from bulk_explain.jobs.runtime import (JobInterrupted, as_job_interrupt, ray_startup, read_json, redacted,
                                        s3_endpoint, s3_storage_configured, sigterm_raises, worker_env)
 from bulk_explain.workers.faults import fault_point
@@ -85,7 +86,10 @@ class UnitJob:
     """One job kind on the runner. Subclasses set the class attributes and implement the steps.
 
     Class attributes:
-        name: the kind (`job.json` "kind", the lease's job name, the CLI sub-command).
+        name: the kind (`job.json` "kind", the lease's job name).
+        config_error: the kind's ConfigError subclass (exit 2).
+        non_result_fields, option_names: config fields that do not change results, and the options
+            of fields not spelled `--field-name` (for the refusal message).
         process_method: the worker method called with (unit, *work_args()).
         unit_noun, item_noun: what a unit and what it holds are called in messages ("shard", "images").
 
@@ -94,6 +98,9 @@ class UnitJob:
     """
 
     name: ClassVar[str] = ""
+    config_error: ClassVar[type] = ConfigError
+    non_result_fields: ClassVar[Tuple[str, ...]] = ()
+    option_names: ClassVar[Dict[str, str]] = {}
     process_method: ClassVar[str] = "process_shard"
     unit_noun: ClassVar[str] = "shard"
     item_noun: ClassVar[str] = "images"
@@ -123,8 +130,16 @@ class UnitJob:
         return self.config.result_fingerprint()
 
     def refusal(self, previous: dict) -> Exception:
-        """The error (the kind's config error: exit 2) for a DST holding other results."""
-        raise NotImplementedError
+        """The error (the kind's config error: exit 2) for a DST holding other results, naming the
+        settings that differ."""
+        return self.config_error(different_results(self.config.output, config_difference(
+            previous, redacted(self.config.to_dict()), self.non_result_fields, self.option_names)))
+
+    def refuse_other_model(self, recorded: Optional[str], fingerprint: str) -> None:
+        """Same settings, other weights (a replaced model file): refused unless --overwrite."""
+        if self.previous and not getattr(self.config, "overwrite", False) and recorded != fingerprint:
+            raise self.config_error(different_results(self.config.output, "the model's weights or architecture "
+                                                                          "(its fingerprint differs)"))
 
     def max_retries(self) -> int:
         """Attempts per unit after a worker failure."""

@@ -18,8 +18,7 @@ from bulk_explain.jobs.explain.explanations_summary import describe_explanations
 from bulk_explain.jobs.explain.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan,
                                             match_previous, plan_changes, plan_shards, read_plan, write_plan)
 from bulk_explain.jobs.progress import Progress
-from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, config_difference, different_results, run_job
-from bulk_explain.jobs.runtime import redacted as _redacted
+from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, run_job
 from bulk_explain.jobs.units import SortedUnits, staged_agrees
 from bulk_explain.workers.backends import BACKEND_ENV, BackendError, select_backend
 from bulk_explain.workers.environment import EnvironmentProblem
@@ -249,6 +248,8 @@ class ExplainJob(UnitJob):
     input listing; the worker is `ExplainWorker`; finish = totals, error rate, explanation summaries."""
 
     name = "explain"
+    non_result_fields = NON_RESULT_FIELDS
+    option_names = _OPTION_OF
 
     def prepare(self) -> None:
         quiet_console()
@@ -261,10 +262,6 @@ class ExplainJob(UnitJob):
         # is the first write to DST and would otherwise fail with a raw storage error.
         _check_access(self.config)
         self.layout = OutputLayout(self.config.output)
-
-    def refusal(self, previous: dict) -> Exception:
-        return ConfigError(different_results(self.config.output, config_difference(
-            previous, _redacted(self.config.to_dict()), NON_RESULT_FIELDS, _OPTION_OF)))
 
     def max_retries(self) -> int:
         return self.config.max_shard_retries
@@ -285,10 +282,7 @@ class ExplainJob(UnitJob):
         except (ModelError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
         class_names = model_info.pop(_CLASS_NAMES)
-        previous = self.previous
-        if previous and not config.overwrite and previous.get("model", {}).get("fingerprint") != model_info["fingerprint"]:
-            raise ConfigError(different_results(config.output, "the model's weights or architecture "
-                                                                "(its fingerprint differs)"))
+        self.refuse_other_model((self.previous or {}).get("model", {}).get("fingerprint"), model_info["fingerprint"])
         self.model_info = model_info
         check_labels(config, self.planned.plan, class_names, self.log)
         todo = units.todo + units.roll_forward

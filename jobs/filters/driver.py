@@ -38,8 +38,8 @@ import numpy as np
 
 from bulk_explain.jobs.filters.config import ALGORITHM, NON_RESULT_FIELDS, FiltersConfig, FiltersConfigError
 from bulk_explain.jobs.filters.plan import FilterUnit, plan_units, settings_key
-from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, config_difference, different_results, run_job
-from bulk_explain.jobs.runtime import read_json, redacted
+from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, run_job
+from bulk_explain.jobs.runtime import read_json
 from bulk_explain.workers.filters.layout import FiltersLayout, safe_name
 from bulk_explain.workers.models import ModelError, load_feature_model
 
@@ -115,6 +115,9 @@ class FiltersJob(UnitJob):
     """The filters kind: units are filter ranges of conv layers; the worker is `FilterWorker`."""
 
     name = "filters"
+    config_error = FiltersConfigError
+    non_result_fields = NON_RESULT_FIELDS
+    option_names = _OPTION_OF
     process_method = "process"
     unit_noun = "unit"
     item_noun = "filters"
@@ -132,10 +135,6 @@ class FiltersJob(UnitJob):
         except StorageError as exc:
             raise FiltersConfigError(str(exc)) from None
         self.layout = FiltersLayout(self.config.output)
-
-    def refusal(self, previous: dict) -> Exception:
-        return FiltersConfigError(different_results(self.config.output, config_difference(
-            previous, redacted(self.config.to_dict()), NON_RESULT_FIELDS, _OPTION_OF)))
 
     def max_retries(self) -> int:
         return self.config.max_unit_retries
@@ -158,10 +157,7 @@ class FiltersJob(UnitJob):
         return Plan(units=self.units)
 
     def check(self, plan: Plan, units) -> None:
-        previous = self.previous
-        if previous and not self.config.overwrite and previous.get("model_fingerprint") != self.model_fingerprint:
-            raise FiltersConfigError(different_results(self.config.output, "the model's weights or architecture "
-                                                                            "(its fingerprint differs)"))
+        self.refuse_other_model((self.previous or {}).get("model_fingerprint"), self.model_fingerprint)
         todo = len(units.todo)  # roll-forward units are committed (their marker is the commit point)
         self.log.message(f"{len(self.layers)} layer(s), {sum(self.filters.values())} filters at {self.size} px, "
                          f"{len(plan.units)} units ({len(plan.units) - todo} already committed, key {self.key})")
