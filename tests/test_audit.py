@@ -434,7 +434,7 @@ def test_run_with_audit_on_s3(s3_endpoint, s3_client, model_file, tmp_path):
             with open(path, "rb") as f:
                 objects["in/" + os.path.relpath(path, local)] = f.read()
     put_objects(s3_client, bucket, objects)
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     for name in ("BULK_EXPLAIN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         env.pop(name, None)  # the endpoint reaches the job only through the flag
     out = f"s3://{bucket}/out"

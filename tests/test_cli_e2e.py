@@ -49,7 +49,7 @@ def make_mixed_folder(root, rng):
 
 def run_cli(args, module=False, **kw):
     cmd = [sys.executable, "-m", "bulk_explain"] if module else [sys.executable, "-c", "from bulk_explain.jobs.cli import main; raise SystemExit(main())"]
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=600, **kw)
 
 

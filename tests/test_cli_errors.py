@@ -11,7 +11,7 @@ from conftest import REPO, photo_like, write_image
 
 
 def run(args):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run([sys.executable, "-m", "bulk_explain", *args], capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -26,7 +26,7 @@ from conftest import REPO, photo_like, write_image
 
 MODEL = dict(kind="cats_dogs", weights="random", input_size=64)
 CLI_MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64"]
-ENV = dict(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="0")
+ENV = dict(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_DEDUP_LOGS="0")
 
 
 def _config(root, out, **kw):

@@ -155,7 +155,7 @@ def cli_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "bulk_explain", "filters", "--model", "vgg16", "--weights", "random",
            "--output", str(out), "--layers", ",".join(LAYERS), "--size", "48", "--steps", "4",
            "--filters-per-unit", "32", "--weights-filters", "4", "--weights-channels", "5"]
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Later tests re-run into `out` (in random order): keep this run's own summary.
@@ -244,7 +244,7 @@ def test_unknown_layer_fails_before_ray(tmp_path, ray_init_calls):
 
 
 def _cli(args, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "bulk_explain", "filters", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

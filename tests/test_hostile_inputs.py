@@ -28,7 +28,7 @@ ENDPOINT_WITH_PASSWORD = "http://minio-user:sentinel-password-55e1@127.0.0.1:9"
 
 
 def run_cli(args, env_extra=None, wait_for_flag=None, on_flag=None):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled", **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", **(env_extra or {}))
     cmd = [sys.executable, "-m", "bulk_explain", *args]
     if wait_for_flag is None:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import REPO
 from s3_server import FaultyS3Proxy
 from test_reliability import ENV, assert_exactly_once, kill_session, make_inputs, wait_flag
 
@@ -263,10 +262,9 @@ def test_bad_lease_duration_is_a_one_line_config_error(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- through the CLI
 
 def _start(args, **env):
-    # Ray's token auth as the suite sets it up (conftest.py), not the other CLI tests' "disabled".
-    base = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"}
+    # Ray's token auth as the suite sets it up (conftest.py), as in every CLI test.
     return subprocess.Popen([sys.executable, "-m", "bulk_explain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, **base, **env), start_new_session=True)
+                            text=True, env=dict(os.environ, **ENV, **env), start_new_session=True)
 
 
 def _finish(proc, timeout=300):

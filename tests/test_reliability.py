@@ -20,7 +20,7 @@ from conftest import REPO, photo_like, write_image
 
 
 MODEL = ["--model", "cats_dogs", "--weights", "random", "--input-size", "64"]
-ENV = dict(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="0")
+ENV = dict(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_DEDUP_LOGS="0")
 
 
 def make_inputs(root, n, seed=0):

@@ -73,7 +73,7 @@ def expected_label(rel):
 
 def job_env(**extra):
     """The environment of a user's shell: credentials in the standard variables, no endpoint."""
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", RAY_AUTH_MODE="disabled",
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3",
                AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
     for name in ("BULK_EXPLAIN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         env.pop(name, None)
