@@ -303,10 +303,31 @@ class ActorPool:
         except Exception:
             pass
 
-    def shutdown(self) -> None:
-        for slot in self._slots:
-            self._kill(slot.actor)
+    def shutdown(self, wait_s: float = 30.0) -> None:
+        """Kills every actor and waits (at most `wait_s`) until each is gone: `ray.kill` is
+        asynchronous, and a caller's Ray (the actors outlive a returned job otherwise for a moment)
+        must get its CPUs and GPUs back when the job returns, also after Ctrl-C."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        actors = [slot.actor for slot in self._slots if slot.actor is not None]
+        for actor in actors:
+            self._kill(actor)
         self._starting.clear()
+        deadline = time.monotonic() + wait_s
+        while actors and time.monotonic() < deadline:
+            alive = []
+            for actor in actors:
+                try:
+                    ray.get(actor.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                    alive.append(actor)  # answered: the kill has not landed yet
+                except (RayActorError, GetTimeoutError):
+                    pass  # gone (or busy past the deadline)
+                except Exception:
+                    pass
+            actors = alive
+            if actors:
+                time.sleep(0.05)
 
 
 def _one_line(exc: BaseException) -> str:
