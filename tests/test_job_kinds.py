@@ -84,8 +84,11 @@ def test_machine_lost_after_a_marker_then_resume_rolls_forward_and_retries_a_kil
     flag = str(tmp_path / "flag")
     proc = start(kind.args, "after_marker:0", flag, action="pause")
     worker_pid, unit = wait_flag(flag, proc)
+    # The machine is gone: the worker first (its other slot would otherwise go on committing units
+    # while the driver dies: small units take milliseconds), then the driver and the rest of Ray.
+    os.kill(worker_pid, signal.SIGKILL)
     assert worker_pid != proc.pid and unit == 0  # the fault point is forwarded to this kind's worker
-    kill_session(proc)  # driver, Ray and the paused worker: the machine is gone
+    kill_session(proc)
     assert os.path.join(kind.root, "_commits", "shard-00000.json") in kind.markers()
     assert os.path.join(kind.root, "_staging", "shard-00000.parquet") in kind.staged()  # committed, unpublished
 
