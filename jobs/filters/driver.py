@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from bulk_explain.jobs.filters.config import ALGORITHM, NON_RESULT_FIELDS, FiltersConfig, FiltersConfigError
-from bulk_explain.jobs.filters.plan import FilterUnit, plan_units, settings_key
+from bulk_explain.jobs.filters.plan import plan_units, settings_key
 from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, run_job
 from bulk_explain.jobs.runtime import read_json
 from bulk_explain.workers.filters.layout import FiltersLayout, safe_name
@@ -215,12 +215,6 @@ class FiltersJob(UnitJob):
 
         settings = worker_settings(self.config, self.size, self.model_fingerprint, self.key, shape["tf_threads"])
         return FilterWorker, settings, {BACKEND_ENV: self.config.backend}, {}
-
-    def work_args(self) -> tuple:
-        return (self.fingerprint(),)
-
-    def unit_done(self, unit: FilterUnit, marker: dict) -> None:
-        self.log.shard_done(len(unit), marker)
 
     # ---------------------------------------------------------------- finish
 
