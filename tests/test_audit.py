@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -299,6 +300,44 @@ def test_cli_gates_exit_codes(audited, capsys):
     assert _cli(["run", "--input", audited["root"], "--output", out, "--model", "cats_dogs", "--weights", "random",
                  "--gate", "errors<=0.1"]) == 2
     assert "--audit" in capsys.readouterr().err
+
+
+def test_sigterm_releases_the_lease_and_removes_the_unfinished_audit(audited, tmp_path):
+    """A scheduler stops an audit (SIGTERM) after it wrote everything but summary.json: it exits 143,
+    releases DST's lease (so the next audit starts at once instead of exit 4 until the lease
+    expires) and removes its unfinished folder; the next audit is unaffected."""
+    from bulk_explain.workers.faults import CRASH_ACTION, CRASH_AT, CRASH_FLAG
+
+    out = str(tmp_path / "out")
+    shutil.copytree(audited["out"], out, ignore=shutil.ignore_patterns("audits", "_lease.json"))
+    flag = tmp_path / "paused"
+    command = [sys.executable, "-m", "bulk_explain", "audit", "--output", out, "--quiet", "--baseline", "none"]
+    env = {**os.environ, "BULK_EXPLAIN_LEASE_SECONDS": "600"}
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, CRASH_AT: "audit_written", CRASH_ACTION: "pause", CRASH_FLAG: str(flag)})
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flag.exists(), proc.communicate(timeout=5)
+        audits = os.path.join(out, "audits")
+        (unfinished,) = os.listdir(audits)
+        assert {"findings.parquet", "report.html", "population.parquet"} <= set(os.listdir(os.path.join(audits, unfinished)))
+        assert os.path.exists(os.path.join(out, "_lease.json"))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert not os.path.exists(os.path.join(out, "_lease.json")), "lease left behind by a stopped audit"
+    assert f"interrupted (SIGTERM); the unfinished audit {unfinished} was removed" in err, err
+    assert os.listdir(audits) == []
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    (finished,) = [n for n in os.listdir(audits) if n != "history.parquet"]
+    assert os.path.exists(os.path.join(audits, finished, "summary.json"))
+    assert pq.read_table(os.path.join(audits, "history.parquet")).column("audit_id").unique().to_pylist() == [finished]
 
 
 def test_missing_audit_dependency_is_one_line(tmp_path):

@@ -6,7 +6,8 @@ its Ray workers.
     BULK_EXPLAIN_TEST_CRASH_AT      POINT or POINT:SHARD  (POINT: listing, planned, ray_started
                                     (driver, Ray up, signals still deferred), before_stage,
                                     after_stage, after_marker, after_publish; the filters worker
-                                    has after_stage and after_marker, without a shard)
+                                    has after_stage and after_marker, without a shard;
+                                    the audit has audit_written, before its summary.json)
     BULK_EXPLAIN_TEST_CRASH_ACTION  exit (default: os._exit, no cleanup), kill (SIGKILL itself),
                                     pause (sleep, so that the test can kill whatever it wants), or
                                     wait (go on once the test deletes the flag file), or

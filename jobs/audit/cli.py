@@ -82,13 +82,19 @@ def _require() -> None:
 
 def run_audit_command(config: AuditConfig, args, lease=None) -> int:
     """Runs the audit holding DST's lease (it writes DST/audits/ and reads the manifest: one
-    writer per output, as for runs); prints one line per failed gate; returns the exit code."""
+    writer per output, as for runs); prints one line per failed gate; returns the exit code.
+
+    SIGTERM (a scheduler stopping the audit) raises `JobInterrupted` here as in every job, so the
+    lease is released on the way out and the process exits 143: the next scheduled run or audit
+    of DST is not refused (exit 4) until the lease expires.
+    """
     import sys
 
     from bulk_explain.jobs.audit import run_audit
+    from bulk_explain.jobs.runtime import sigterm_raises
     from bulk_explain.workers.lease import hold_output_lease
 
-    with hold_output_lease(config.output, lease, job="audit"):
+    with sigterm_raises(), hold_output_lease(config.output, lease, job="audit"):
         result = run_audit(config, progress=not args.quiet)
     for line in result.failed_gates:
         print(f"bulk-explain: {line}", file=sys.stderr)

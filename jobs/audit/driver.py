@@ -34,6 +34,7 @@ from bulk_explain.jobs.audit.checks.drift import drift_features
 from bulk_explain.jobs.audit.config import AuditConfig
 from bulk_explain.jobs.audit.data import ManifestReader
 from bulk_explain.jobs.validation import ConfigError
+from bulk_explain.workers.faults import fault_point
 from bulk_explain.workers.storage import storage_for
 
 FINDINGS_SCHEMA = pa.schema([("check", pa.string()), ("value", pa.float64()), ("threshold", pa.float64()),
@@ -227,6 +228,38 @@ def run_audit(config: AuditConfig, progress: bool = True) -> AuditResult:
         raise ConfigError(f"audit {audit_id} already exists under {audits_dir}")
     reader = ManifestReader(root)
     baseline = load_baseline(storage, audits_dir, config.baseline, audit_id)
+    try:
+        return _audit(config, storage, root, audits_dir, audit_id, audit_uri, reader, baseline, progress, t0)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C, or SIGTERM under `sigterm_raises` (the command's): what was written of this audit
+        # has no summary.json, so it is never a baseline; remove it so that audits/ holds finished
+        # audits only. A second signal during the clean-up leaves the rest (still never a baseline).
+        what = "SIGTERM" if isinstance(exc, SystemExit) and exc.code == 143 else type(exc).__name__
+        removed = _remove_unfinished(storage, audit_uri)
+        _log(True, f"interrupted ({what}); the unfinished audit {audit_id} was "
+                   f"{'removed' if removed else 'left without summary.json (never used as a baseline)'}; "
+                   "re-run the same command to audit again")
+        raise
+
+
+def _remove_unfinished(storage, audit_uri: str) -> bool:
+    """Deletes every object of an audit that has no summary.json; True when nothing is left."""
+    try:
+        names = list(storage.list_names(audit_uri))
+        if any(n.replace("\\", "/").endswith("/summary.json") for n in names):
+            return False  # finished after all: never delete a finished audit
+        for name in names:
+            storage.delete(name)
+        if "://" not in audit_uri:
+            import shutil
+
+            shutil.rmtree(audit_uri, ignore_errors=True)  # the empty folders
+        return True
+    except Exception:  # noqa: BLE001 - best effort: an unfinished audit is harmless
+        return False
+
+
+def _audit(config, storage, root, audits_dir, audit_id, audit_uri, reader, baseline, progress, t0) -> AuditResult:
     data = reader.load()
     _log(progress, f"{len(data)} manifest rows ({int(data.ok.sum())} ok); baseline: "
                    f"{baseline.audit_id if baseline else 'none'}")
@@ -318,6 +351,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> AuditResult:
                    checks={r["check"]: dict(r, data=ctx.results[r["check"]].data) for r in rows_out},
                    gate_results=[{"gate": str(g), "value": ctx.results[g.check].value,
                                   "passed": g.passes(ctx.results[g.check].value)} for g in config.gates])
+    fault_point("audit_written")  # tests: every file but summary.json is written
     storage.write_bytes(storage.join(audit_uri, "summary.json"), json.dumps(summary, indent=2, default=float).encode())
     _write_parquet(storage, history_uri, full_history)
     _log(progress, f"report: {result.report_uri} ({result.seconds:.1f} s)")
