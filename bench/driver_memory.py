@@ -5,7 +5,9 @@ commit marker and one manifest part per shard whose footer names the marker's at
 then a fresh process runs exactly what the driver runs before it would start Ray — list, compare
 with the previous plan, plan, hash shards, read markers and part footers, repair, write the plan —
 and reports its peak RSS (getrusage) next to its RSS after imports. The listing comes from a
-synthetic storage backend (`bench://`, S3-like keys and ETags), so no file or object exists.
+synthetic storage backend (`bench://`, S3-like keys and ETags), so no file or object exists. It is
+measured twice on the same output: listed in key order (as S3 lists; the listing needs no sort) and
+with the class folders interleaved (as a local folder's walk; the driver sorts the listing).
 
     python bench/driver_memory.py 1000000 10000000
 
@@ -31,16 +33,22 @@ sys.path.insert(0, REPO)
 ROOT = "bench://bench-bucket/datasets/photos-2026"
 
 
-def _register(n: int) -> None:
+def _register(n: int, order: str = "sorted") -> None:
     from bulk_explain.workers.storage import FileEntry, Storage, register_storage
 
     class SyntheticStorage(Storage):
-        """N S3-like objects: 1000 class folders, 32-hex ETags; listed in key order per page."""
+        """N S3-like objects: 1000 class folders, 32-hex ETags. `sorted`: listed in key order, as
+        S3 lists; `unsorted`: class folders interleaved, like a local folder's walk, so the driver
+        has to sort the listing."""
 
         scheme = "bench"
 
         def list_files(self, root, extensions=None):
-            for i in range(n):
+            if order == "sorted":
+                numbers = (i for c in range(min(n, 1000)) for i in range(c, n, 1000))
+            else:
+                numbers = iter(range(n))
+            for i in numbers:
                 yield FileEntry(uri=f"{ROOT}/class_{i % 1000:04d}/img_{i:010d}.jpg", size=100_000 + i % 5000,
                                 version=f"{(i * 2654435761) % (1 << 128):032x}")
 
@@ -94,8 +102,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(n: int, out: str) -> dict:
+def measure(n: int, out: str, order: str) -> dict:
     """What the driver does before Ray when nothing is to be done; returns RSS numbers (MiB)."""
+    import bulk_explain  # noqa: F401  (first, as in the CLI: it sets Arrow's allocator options)
     import pyarrow  # noqa: F401  (imports counted in the baseline)
 
     from bulk_explain.jobs import units
@@ -103,7 +112,7 @@ def measure(n: int, out: str) -> dict:
     from bulk_explain.jobs.explain.plan import write_plan
     from bulk_explain.workers.layout import OutputLayout
 
-    _register(n)
+    _register(n, order)
     config = _config(out)
     layout = OutputLayout(out)
     base = _rss_mb()
@@ -127,12 +136,13 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the synthetic outputs go (default: a temp dir)")
     parser.add_argument("--_role", choices=["setup", "measure"], help=argparse.SUPPRESS)
     parser.add_argument("--_out", help=argparse.SUPPRESS)
+    parser.add_argument("--_order", choices=["sorted", "unsorted"], default="sorted", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._role == "setup":
         setup(args.sizes[0], args._out)
         return
     if args._role == "measure":
-        print(json.dumps(measure(args.sizes[0], args._out)))
+        print(json.dumps(measure(args.sizes[0], args._out, args._order)))
         return
     work = tempfile.mkdtemp(prefix="driver-memory-", dir=args.workdir)
     try:
@@ -141,13 +151,14 @@ def main() -> None:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, str(n), "--_role", "setup", "--_out", out], check=True)
             setup_s = time.perf_counter() - t0
-            proc = subprocess.run([sys.executable, __file__, str(n), "--_role", "measure", "--_out", out],
-                                  check=True, capture_output=True, text=True)
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{row['inputs']:>11,} inputs, {row['shards']:>6,} shards: driver peak RSS {row['peak_mib']:,.0f} MiB "
-                  f"({row['peak_minus_baseline_mib']:,.0f} MiB above {row['baseline_mib']:,.0f} MiB after imports); "
-                  f"plan as Arrow {row['plan_arrow_mib']:,.0f} MiB; planning {row['seconds']:.0f} s "
-                  f"(setup {setup_s:.0f} s)", flush=True)
+            for order in ("sorted", "unsorted"):
+                proc = subprocess.run([sys.executable, __file__, str(n), "--_role", "measure", "--_out", out,
+                                       "--_order", order], check=True, capture_output=True, text=True)
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{row['inputs']:>11,} inputs, {row['shards']:>6,} shards, listing {order:>8}: driver peak RSS "
+                      f"{row['peak_mib']:,.0f} MiB ({row['peak_minus_baseline_mib']:,.0f} MiB above "
+                      f"{row['baseline_mib']:,.0f} MiB after imports); plan as Arrow {row['plan_arrow_mib']:,.0f} MiB; "
+                      f"planning {row['seconds']:.0f} s (setup {setup_s:.0f} s)", flush=True)
             shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -21,6 +21,12 @@ if _os.path.isfile(_os.path.join(_checkout, "jobs", "__init__.py")) and \
         not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "jobs")):
     __path__.append(_checkout)  # noqa: F821 (the package's own __path__)
 
+# Arrow's allocator (mimalloc) keeps freed pages for a while by default; the driver's planning
+# frees gigabytes of temporaries at 10M inputs, and kept pages would count towards its peak
+# (bench/driver_memory.py: 2.4 GB -> 2.2 GB at 10M inputs). Read when pyarrow loads, so only in a
+# process that imports bulk_explain before pyarrow; a user's own setting wins.
+_os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
+
 __all__ = ["ConfigError", "ExplainConfig", "JobResult", "ModelSpec", "run_explain"]
 
 

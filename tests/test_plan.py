@@ -71,4 +71,4 @@ def test_shards_are_deterministic_and_hash_their_content(tmp_path):
     assert [a != b for a, b in zip(before, after)] == [False, True, False]
     write_plan(plan, str(tmp_path / "plan.parquet"), 2)
     f = pq.ParquetFile(str(tmp_path / "plan.parquet"))
-    assert f.num_row_groups == 3 and f.read().equals(plan)
+    assert f.num_row_groups == 1 and f.read().equals(plan)

@@ -84,6 +84,21 @@ class Storage:
         """Writes `data` so that readers see either nothing or all of it (atomic replace)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def open_write(self, uri: str):
+        """A binary file to write `uri` piece by piece, published as `write_bytes` publishes (readers
+        see the old content or all of the new) when the block ends, discarded on an exception.
+
+        For large files (the plan of 10M inputs is 350 MB): `LocalStorage` writes a temporary file
+        beside the target and `S3Storage` a local temporary file that it uploads, so the file is
+        never held in memory; this base buffers it and calls `write_bytes`.
+        """
+        import io
+
+        buf = io.BytesIO()
+        yield buf
+        self.write_bytes(uri, buf.getvalue())
+
     def exists(self, uri: str) -> bool:
         raise NotImplementedError
 
@@ -295,6 +310,11 @@ class LocalStorage(Storage):
         return "sha256:" + h.hexdigest()[:32]
 
     def write_bytes(self, uri, data):
+        with self.open_write(uri) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def open_write(self, uri):
         path = self._path(uri)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -302,7 +322,7 @@ class LocalStorage(Storage):
         tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}{TEMP_SUFFIX}")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                yield f
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -37,6 +37,7 @@ per-image error handling is the same as for local files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mimetypes
 import os
@@ -375,6 +376,23 @@ class S3Storage(Storage):
                                    ContentType=self._content_type(key))
         except self._client_error() as exc:
             self._raise_os_error(exc, uri)
+
+    @contextlib.contextmanager
+    def open_write(self, uri):
+        """A local temporary file, uploaded when the block ends (multipart above 8 MB: the object
+        appears only when the upload completes, all of it)."""
+        import tempfile
+
+        bucket, key = split_uri(uri)
+        if not key:
+            raise StorageError(f"cannot write to a bucket root: {uri!r}")
+        with tempfile.TemporaryFile(prefix="bulk-explain-upload-") as f:
+            yield f
+            f.seek(0)
+            try:
+                self.client.upload_fileobj(f, bucket, key, ExtraArgs={"ContentType": self._content_type(key)})
+            except self._client_error() as exc:
+                self._raise_os_error(exc, uri)
 
     def write_bytes_if_absent(self, uri: str, data: bytes) -> bool:
         """Writes `uri` only if no object is there yet (commit markers).

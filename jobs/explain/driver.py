@@ -13,10 +13,14 @@ import platform
 import time
 from typing import Dict, List, Optional
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from bulk_explain.jobs.explain.config import MAX_REMOVED_SHARE, NON_RESULT_FIELDS, ConfigError, ExplainConfig
 from bulk_explain.jobs.explain.explanations_summary import describe_explanations, summarize_explanations
-from bulk_explain.jobs.explain.plan import (PlanChanges, PlannedShard, ShardTask, list_inputs, make_plan,
-                                            match_previous, plan_changes, plan_shards, read_plan, write_plan)
+from bulk_explain.jobs.explain.plan import (PlanChanges, PlannedShard, PreviousPlan, ShardTask, list_inputs,
+                                            make_plan, plan_changes, plan_shards, release_memory, write_plan)
 from bulk_explain.jobs.progress import Progress
 from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, run_job
 from bulk_explain.jobs.units import SortedUnits, staged_agrees
@@ -407,38 +411,40 @@ def _check_removals(config: ExplainConfig, found: int, previous, changes: PlanCh
                           "--allow-removals if the removal is intended")
 
 
-def _release_memory() -> None:
-    """Hands Arrow's freed pages back to the OS after the big temporaries of planning (mimalloc and
-    jemalloc keep them otherwise, which would count towards the driver's peak)."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
-
-
 def plan_inputs(config: ExplainConfig, layout: OutputLayout) -> PlannedInputs:
     """Lists the inputs and plans shards (the previous `plan.parquet` keeps its inputs' shards).
     Reads only the listing and DST's plan; nothing is written.
 
-    Memory: Arrow arrays for the listing and the plan; one small `PlannedShard` per shard.
+    Memory: the previous plan as 32 bytes of keys per input (`PreviousPlan`), the listing and then
+    the plan as Arrow arrays, one small `PlannedShard` per shard.
 
     Raises:
         ConfigError: no images, a mass removal without `allow_removals`, an unreadable input.
     """
+    # The previous plan is read (and compacted to keys, no text) before the listing exists: the
+    # driver never holds both plans' text at once. The safety check compares with the plan on
+    # disk even under --overwrite.
+    stored = PreviousPlan.read(layout.plan)
+    release_memory()
     try:
         listing = list_inputs(config.inputs, verify_content=config.verify_content)
     except StorageError as exc:
         raise ConfigError(str(exc)) from None
     found_inputs = listing.num_rows
-    # Read once: --limit keeps the inputs it holds, the removal check and the matching compare with it.
-    stored = read_plan(layout.plan, columns=("shard", "source_uri", "size", "version"))
+    matched = stored.match(listing) if stored is not None else None
     limited = None
     if config.limit is not None and listing.num_rows > config.limit:
-        listing, limited = _limit_listing(listing, config.limit, None if config.overwrite else stored)
-    # The safety check compares with the plan on disk even under --overwrite.
-    _release_memory()
-    matched = match_previous(listing, stored) if stored is not None and listing.num_rows else None
-    _release_memory()
+        # --limit N: the first N inputs, plus the inputs the plan on disk already holds that still
+        # exist (a limited run never reports them removed or drops their committed shards).
+        keep = np.arange(listing.num_rows) < config.limit
+        limited = set(listing.column("source_uri").slice(0, config.limit).to_pylist())
+        if matched is not None and not config.overwrite:
+            keep |= matched >= 0
+        listing = listing.filter(pa.array(keep))
+        matched = matched[keep] if matched is not None else None
+        del keep
     changes = plan_changes(stored, listing, prev_index=matched)
+    release_memory()
     _check_removals(config, listing.num_rows, stored, changes)
     if config.overwrite:
         stored, matched, changes = None, None, PlanChanges(added=listing.num_rows)
@@ -446,14 +452,11 @@ def plan_inputs(config: ExplainConfig, layout: OutputLayout) -> PlannedInputs:
     # images re-processes only the shards that hold them.
     plan = make_plan(listing, config.shard_size, previous=stored, prev_index=matched)
     del listing, stored, matched
-    _release_memory()
+    release_memory()
     shards = plan_shards(plan)
 
     in_scope = None
     if limited is not None:  # only the shards holding one of the first N inputs are processed now
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         hit = plan.filter(pc.is_in(plan.column("source_uri"), value_set=pa.array(sorted(limited), plan.column("source_uri").type)))
         in_scope = set(pc.unique(hit.column("shard")).to_pylist())
     return PlannedInputs(plan=plan, shards=shards, changes=changes, found_inputs=found_inputs, limited=limited,
@@ -470,18 +473,3 @@ def _check_access(config: ExplainConfig) -> None:
         storage_for(config.output).check_access(config.output, write=True)
     except StorageError as exc:  # e.g. a bucket that does not exist: the command line is wrong
         raise ConfigError(str(exc)) from None
-
-
-def _limit_listing(listing, limit: int, previous_plan):
-    """`--limit N`: the first N inputs of the sorted listing, plus the inputs an earlier plan in this
-    output already holds that still exist (so a limited run never reports them removed or drops
-    their committed shards). Returns (listing to plan, set of the first N URIs)."""
-    import pyarrow.compute as pc
-
-    first = listing.slice(0, limit)
-    wanted = set(first.column("source_uri").to_pylist())
-    if previous_plan is None or previous_plan.num_rows == 0:
-        return first, wanted
-    keep = pc.or_(pc.is_in(listing.column("source_uri"), value_set=previous_plan.column("source_uri").combine_chunks()),
-                  pc.is_in(listing.column("source_uri"), value_set=first.column("source_uri").combine_chunks()))
-    return listing.filter(keep), wanted
