@@ -95,8 +95,13 @@ def test_matching_agrees_with_a_plain_python_reference(tmp_path, from_file):
     assert (changes.added, changes.changed, changes.removed) == (n_added, n_changed, len(gone))
     assert n_added == 500 and n_changed > 200 and len(gone) > 200  # the reference saw what was planted
     assert changes.removed_uris == gone[:25]
-    # Kept inputs keep their shard; the new ones go into new shards after the highest old id.
-    plan = make_plan(listing, 64, previous=previous)
+    # Kept inputs keep their shard; the new ones go into new shards after the highest old id. The
+    # driver drops the keys once matched: the shard ids are all make_plan needs.
+    matched = match_previous(listing, previous)
+    previous.drop_keys()
+    with pytest.raises(RuntimeError, match="dropped"):
+        previous.match(listing)
+    plan = make_plan(listing, 64, previous=previous, prev_index=matched)
     old_shard = dict(zip(previous_plan.column("source_uri").to_pylist(), previous_plan.column("shard").to_pylist()))
     for uri, shard in zip(plan.column("source_uri").to_pylist(), plan.column("shard").to_pylist()):
         if uri in old_shard:

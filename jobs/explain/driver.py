@@ -448,6 +448,9 @@ def plan_inputs(config: ExplainConfig, layout: OutputLayout) -> PlannedInputs:
     _check_removals(config, listing.num_rows, stored, changes)
     if config.overwrite:
         stored, matched, changes = None, None, PlanChanges(added=listing.num_rows)
+    elif stored is not None:
+        stored.drop_keys()  # matched: only the shard ids are needed from here on
+    release_memory()
     # Inputs already planned by an earlier run keep their shard: adding, changing or removing
     # images re-processes only the shards that hold them.
     plan = make_plan(listing, config.shard_size, previous=stored, prev_index=matched)
