@@ -348,8 +348,10 @@ def test_plan_is_64_bit_text_and_shards_are_references_until_sent(tmp_path):
     root = str(tmp_path / "in")
     inputs = _images(root, 6, seed=8)
     listing = list_inputs([root])
-    assert {listing.schema.field(n).type for n in ("source_uri", "label", "version")} == {pa.large_string()}
+    assert {listing.schema.field(n).type for n in ("source_uri", "version")} == {pa.large_string()}
+    assert listing.schema.field("label").type == pa.dictionary(pa.int32(), pa.large_string())  # few distinct
     plan = make_plan(listing, 2)
+    assert {plan.schema.field(n).type for n in ("source_uri", "label", "version")} == {pa.large_string()}
     shards = plan_shards(plan)
     assert [(s.shard, s.content_hash, len(s)) for s in shards] == \
         [(t.shard, t.content_hash, len(t)) for t in iter_shards(plan)]
