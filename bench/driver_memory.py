@@ -7,7 +7,8 @@ with the previous plan, plan, hash shards, read markers and part footers, repair
 and reports its peak RSS (getrusage) next to its RSS after imports. The listing comes from a
 synthetic storage backend (`bench://`, S3-like keys and ETags), so no file or object exists. It is
 measured twice on the same output: listed in key order (as S3 lists; the listing needs no sort) and
-with the class folders interleaved (as a local folder's walk; the driver sorts the listing).
+with the class folders interleaved (several inputs, or a backend that lists out of order; the
+driver sorts the listing).
 
     python bench/driver_memory.py 1000000 10000000
 
@@ -38,7 +39,7 @@ def _register(n: int, order: str = "sorted") -> None:
 
     class SyntheticStorage(Storage):
         """N S3-like objects: 1000 class folders, 32-hex ETags. `sorted`: listed in key order, as
-        S3 lists; `unsorted`: class folders interleaved, like a local folder's walk, so the driver
+        S3 and the local walk list; `unsorted`: class folders interleaved, so the driver
         has to sort the listing."""
 
         scheme = "bench"

@@ -72,3 +72,23 @@ def test_shards_are_deterministic_and_hash_their_content(tmp_path):
     write_plan(plan, str(tmp_path / "plan.parquet"), 2)
     f = pq.ParquetFile(str(tmp_path / "plan.parquet"))
     assert f.num_row_groups == 1 and f.read().equals(plan)
+
+
+def test_local_listing_is_already_in_uri_order(tmp_path):
+    """The local walk yields URIs in string order (folders and files interleaved as their full paths
+    sort), so a large local listing needs no second copy for sorting; hidden entries, symlink cycles
+    and dangling links are left out as before."""
+    from bulk_explain.workers.storage import LocalStorage
+
+    names = ["a/x.jpg", "a-b/y.jpg", "a b/q.jpg", "a/c/d.png", "ab.jpg", "a.jpg", "a!.jpg", "aa.jpg", "Z/1.jpg",
+             "é/2.jpg", "e/3.jpg", "a/c-d/4.jpg", "a/c.jpg", ".hidden/h.jpg", "a/.h.jpg", "notes.txt"]
+    for name in names:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    os.symlink(str(tmp_path), str(tmp_path / "e" / "loop"))
+    os.symlink(str(tmp_path / "missing.jpg"), str(tmp_path / "e" / "dangling.jpg"))
+    uris = [e.uri for e in LocalStorage().list_files(str(tmp_path))]
+    assert uris == sorted(uris)
+    assert sorted(os.path.relpath(u, str(tmp_path)) for u in uris) == sorted(
+        n for n in names if not n.startswith(".") and "/." not in n and n.endswith((".jpg", ".png")))

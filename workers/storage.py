@@ -246,7 +246,6 @@ class LocalStorage(Storage):
         root = self._path(root)
         if not os.path.isdir(root):
             raise StorageError(f"input folder does not exist or is not a folder: {root}")
-        seen_dirs = set()
 
         def unreadable(exc: OSError):
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -255,29 +254,57 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot list folder {_printable_path(exc.filename or root)}: "
                                f"{exc.strerror or type(exc).__name__}; fix its permissions or mount") from None
 
-        # os.walk(followlinks=True) loops forever on a symlink cycle: remember real dirs visited.
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
-            real = os.path.realpath(dirpath)
-            if real in seen_dirs:
-                dirnames[:] = []
-                continue
-            seen_dirs.add(real)
-            # Hidden folders (.git, .ipynb_checkpoints, .Trash) are never datasets.
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if name.startswith(".") or not name.lower().endswith(extensions):
-                    continue
-                path = os.path.join(dirpath, name)
+        def folder(dirpath: str):
+            """The folder's visible entries as (sort key, path, is a folder), in the order of their
+            full paths: a folder's key is its name + "/", since everything under it starts so."""
+            try:
+                with os.scandir(dirpath) as entries:
+                    items = []
+                    for entry in entries:
+                        # Hidden files and folders (.git, .ipynb_checkpoints, .Trash) are never datasets.
+                        if entry.name.startswith("."):
+                            continue
+                        try:
+                            is_dir = entry.is_dir()  # follows symlinks, like os.walk(followlinks=True)
+                        except OSError:
+                            is_dir = False
+                        if not is_dir and not entry.name.lower().endswith(extensions):
+                            continue
+                        items.append((entry.name + "/" if is_dir else entry.name, entry.path, is_dir))
+            except OSError as exc:
+                unreadable(exc)
+                return iter(())
+            items.sort()
+            return iter(items)
+
+        # Depth first, each folder's entries sorted so that the URIs come out in string order (the
+        # plan's order): the driver then has no listing to sort, which at 10M inputs would hold a
+        # second copy of the URIs. Names that sort differently once made printable only cost that
+        # sort. Real folders visited are remembered: a symlink cycle would otherwise never end.
+        seen_dirs = {os.path.realpath(root)}
+        stack = [folder(root)]
+        while stack:
+            for _, path, is_dir in stack[-1]:
+                if is_dir:
+                    real = os.path.realpath(path)
+                    if real in seen_dirs:
+                        continue
+                    seen_dirs.add(real)
+                    stack.append(folder(path))
+                    break  # into the subfolder; this folder's iterator resumes after it
                 try:
                     st = os.stat(path)
                 except OSError as exc:
                     if exc.errno in (errno.ENOENT, errno.ELOOP):
                         continue  # dangling symlink or symlink loop: nothing to read
-                    unreadable(exc)
+                    unreadable(exc)  # raises, unless the file went away with its folder
+                    continue
                 if not stat.S_ISREG(st.st_mode):
                     continue  # a FIFO or device named *.jpg would block or never end a read
                 yield FileEntry(uri=_printable_path(path), size=st.st_size,
                                 version=f"{st.st_size}:{st.st_mtime_ns}")
+            else:
+                stack.pop()
 
     def list_names(self, prefix_uri):
         root = self._path(prefix_uri)
