@@ -114,6 +114,11 @@ class Storage:
         """Deletes `uri` if it exists."""
         raise NotImplementedError
 
+    def delete_tree(self, prefix_uri: str) -> None:
+        """Deletes everything under `prefix_uri` (a folder, or every key under a prefix)."""
+        for name in list(self.list_names(prefix_uri)):
+            self.delete(name)
+
     def list_names(self, prefix_uri: str) -> Iterator[str]:
         """Yields URIs directly or recursively under `prefix_uri` (no extension filter)."""
         raise NotImplementedError
@@ -370,6 +375,11 @@ class LocalStorage(Storage):
             os.remove(self._path(uri))
         except FileNotFoundError:
             pass
+
+    def delete_tree(self, prefix_uri):
+        import shutil
+
+        shutil.rmtree(self._path(prefix_uri), ignore_errors=True)  # the folders too, not only the files
 
     def join(self, base, *parts):
         return os.path.join(self._path(base), *parts)

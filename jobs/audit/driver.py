@@ -245,15 +245,9 @@ def run_audit(config: AuditConfig, progress: bool = True) -> AuditResult:
 def _remove_unfinished(storage, audit_uri: str) -> bool:
     """Deletes every object of an audit that has no summary.json; True when nothing is left."""
     try:
-        names = list(storage.list_names(audit_uri))
-        if any(n.replace("\\", "/").endswith("/summary.json") for n in names):
+        if storage.exists(storage.join(audit_uri, "summary.json")):
             return False  # finished after all: never delete a finished audit
-        for name in names:
-            storage.delete(name)
-        if "://" not in audit_uri:
-            import shutil
-
-            shutil.rmtree(audit_uri, ignore_errors=True)  # the empty folders
+        storage.delete_tree(audit_uri)
         return True
     except Exception:  # noqa: BLE001 - best effort: an unfinished audit is harmless
         return False

@@ -444,7 +444,6 @@ def plan_inputs(config: ExplainConfig, layout: OutputLayout) -> PlannedInputs:
         matched = matched[keep] if matched is not None else None
         del keep
     changes = plan_changes(stored, listing, prev_index=matched)
-    release_memory()
     _check_removals(config, listing.num_rows, stored, changes)
     if config.overwrite:
         stored, matched, changes = None, None, PlanChanges(added=listing.num_rows)

@@ -188,9 +188,13 @@ def _large(table: pa.Table) -> pa.Table:
 _KEY_ROWS = 1 << 16  # strings turned into Python objects per step
 
 
+def _column_slices(column, rows: int):
+    for start in range(0, len(column), rows):
+        yield start, column.slice(start, rows)
+
+
 def _text_slices(column):
-    for start in range(0, len(column), _KEY_ROWS):
-        part = column.slice(start, _KEY_ROWS)
+    for start, part in _column_slices(column, _KEY_ROWS):
         if part.null_count:
             raise ValueError("a plan or listing holds a missing URI or version")
         yield start, part.to_pylist()
@@ -282,9 +286,6 @@ class PreviousPlan:
                 return None
         except (pa.ArrowException, ValueError, OSError):
             return None
-        finally:
-            del data
-            release_memory()
         return cls(keys, shard, signature, uri)
 
     def match(self, listing: pa.Table) -> np.ndarray:
@@ -294,14 +295,12 @@ class PreviousPlan:
         result = np.full(listing.num_rows, -1, np.int64)
         if not self.num_rows or not listing.num_rows:
             return result
-        done = 0
-        for chunk in _column_slices(listing.column("source_uri"), _HASH_ROWS):
+        for start, chunk in _column_slices(listing.column("source_uri"), _HASH_ROWS):
             keys = text_keys(chunk)
             at = np.minimum(np.searchsorted(self._key0, keys[:, 0]), self.num_rows - 1)
             hit = (self._key0[at] == keys[:, 0]) & (self._key1[at] == keys[:, 1])
-            part = result[done:done + len(chunk)]
+            part = result[start:start + len(chunk)]
             part[hit] = self._order[at[hit]]
-            done += len(chunk)
         return result
 
     def uris(self, rows: np.ndarray) -> List[str]:
@@ -321,11 +320,6 @@ class PreviousPlan:
             if len(found) == len(want):
                 break
         return [found[int(r)] for r in rows if int(r) in found]
-
-
-def _column_slices(column, rows: int):
-    for start in range(0, len(column), rows):
-        yield column.slice(start, rows)
 
 
 def _previous(previous) -> Optional[PreviousPlan]:
