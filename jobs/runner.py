@@ -318,6 +318,9 @@ def _run_locked(job: UnitJob):
             if interrupt is not exc:
                 raise interrupt from None
             raise
+        # Every worker of this run has stopped and the lease keeps other runs out: a temp file
+        # left now is a killed attempt's (a node that left mid-write), never a write in progress.
+        unit_files.delete_temp_files(layout, (u.shard for u in counts.todo))
     result, summary = job.finish(counts)
     job.write_json(layout.summary_json, summary)
     return result

@@ -54,6 +54,30 @@ def existing_files(layout) -> UnitFiles:
     return files
 
 
+def delete_temp_files(layout, shards: Iterable[int], files: Optional[UnitFiles] = None) -> int:
+    """Deletes the temp files crashed or killed writes left in the commit folders and in the image
+    folders of `shards` (the units a run computes: a worker killed mid-write leaves one there, and
+    nothing else would ever list that folder again). Image folders are listed only on storages
+    whose writes can leave temp files (local), not on S3, where an upload is all or nothing.
+
+    Args:
+        shards: unit ids whose `layout.shard_image_dirs` to search.
+        files: `existing_files(layout)` when already listed (their `temps`), else listed here.
+
+    Returns:
+        How many temp files were deleted.
+    """
+    storage = layout.storage
+    temps = list((files or existing_files(layout)).temps)
+    if storage.leaves_temp_files:
+        for shard in shards:
+            for folder in layout.shard_image_dirs(shard):
+                temps.extend(uri for uri in storage.list_names(folder) if is_temp_name(uri))
+    for uri in temps:
+        storage.delete(uri)
+    return len(temps)
+
+
 def read_markers(storage, layout, shards: List[int]) -> Dict[int, dict]:
     """Reads commit markers concurrently (thousands of small GETs on S3). A missing marker is
     absent from the result; an unreadable one raises (`bulk_explain.jobs.runtime.read_json`)."""
@@ -142,7 +166,7 @@ def repair(layout, files: UnitFiles, planned_ids: Iterable[int], units: SortedUn
            staged_ok: Callable[[object, str, object, dict], bool] = staged_agrees) -> Dict[str, int]:
     """Makes the layout's state match the plan before any worker starts.
 
-    - temp files of crashed writes are deleted;
+    - temp files of crashed writes are deleted (commit folders, and image folders of units to do);
     - units no longer in the plan lose their part, marker, staged part and unit folders
       (`layout.shard_image_dirs`);
     - committed-but-unpublished units are published from `_staging/` if `staged_ok` (else redone);
@@ -158,8 +182,7 @@ def repair(layout, files: UnitFiles, planned_ids: Iterable[int], units: SortedUn
     """
     storage = layout.storage
     planned_ids = set(planned_ids)
-    for uri in files.temps:
-        storage.delete(uri)
+    delete_temp_files(layout, [u.shard for u in units.todo], files)
     gone = sorted(s for s in files.shards() if s not in planned_ids)
     for shard in gone:
         for uri in files.uris_of(shard):

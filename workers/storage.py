@@ -56,6 +56,9 @@ class Storage:
     """Base class: one instance per URI scheme, safe to share between threads."""
 
     scheme: str = ""
+    # Whether a crashed write can leave a visible temp file (`is_temp_name`) behind; an object
+    # store's upload is all or nothing, so the driver need not list folders looking for them.
+    leaves_temp_files: bool = False
 
     def list_files(self, root: str, extensions=IMAGE_EXTENSIONS) -> Iterator[FileEntry]:
         """Yields every file under `root` (recursive) whose name ends in one of `extensions`.
@@ -230,6 +233,7 @@ class LocalStorage(Storage):
     """Local (or mounted network) filesystem. URIs are absolute paths."""
 
     scheme = "file"
+    leaves_temp_files = True
 
     @staticmethod
     def _path(uri: str) -> str:
