@@ -94,7 +94,8 @@ class UnitJob:
         unit_noun, item_noun: what a unit and what it holds are called in messages ("shard", "images").
 
     Instance attributes the steps set: `config` (validated), `layout` (a CommitLayout, by
-    `prepare`), `log` (a `bulk_explain.jobs.progress.Progress`).
+    `prepare`), `log` (a `bulk_explain.jobs.progress.Progress`), `previous` (DST's job.json before
+    this run, or None) and `record` (this run's job.json, written by the runner before the pool).
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +114,7 @@ class UnitJob:
                             unit=self.unit_noun)
         self.layout = None
         self.previous: Optional[dict] = None
+        self.record: Dict[str, Any] = {}
         self.t0 = time.perf_counter()
 
     # ---------------------------------------------------------------- steps (override)
