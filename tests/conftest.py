@@ -122,3 +122,11 @@ def ray_init_calls(monkeypatch):
 
     monkeypatch.setattr(ray, "init", recording_init)
     return calls
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The random order's seed also under `-q` (the README's command), where pytest-randomly's
+    header line is not shown: a failure that depends on the order can then be repeated."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"random test order: repeat it with -p randomly --randomly-seed={seed}")
