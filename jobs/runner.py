@@ -181,6 +181,11 @@ class UnitJob:
     def batches_done(self, items: int) -> None:
         self.log.batches_done(items)
 
+    def delete_temp_files(self, shards) -> None:
+        """After the pool, every worker stopped: the temp files killed attempts left (commit
+        folders, the units' image folders). A kind whose images live elsewhere adds its own."""
+        unit_files.delete_temp_files(self.layout, shards)
+
     def finish(self, counts: RunCounts):
         """Returns (result, summary dict); the runner writes summary.json."""
         raise NotImplementedError
@@ -322,7 +327,7 @@ def _run_locked(job: UnitJob):
             raise
         # Every worker of this run has stopped and the lease keeps other runs out: a temp file
         # left now is a killed attempt's (a node that left mid-write), never a write in progress.
-        unit_files.delete_temp_files(layout, (u.shard for u in counts.todo))
+        job.delete_temp_files([u.shard for u in counts.todo])
     result, summary = job.finish(counts)
     job.write_json(layout.summary_json, summary)
     return result

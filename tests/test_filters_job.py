@@ -223,11 +223,18 @@ def test_resume_recomputes_only_uncommitted_unit(cli_run, ray_local, tmp_path):
     shutil.copytree(shared_out, out)
     before = pq.read_table(out / "filters" / "manifest.parquet")
     os.remove(FiltersLayout(str(out)).commit_marker(3))  # block1_conv2's filters 32-63
+    # what a worker killed mid-write leaves: a temp file beside the images and one in _staging/
+    temps = [out / "filters" / "block1_conv2" / f"_tmp-{'ab' * 16}-block1_conv2_0040-0123456789ab.png.tmp",
+             out / "filters" / "_staging" / f"_tmp-{'ab' * 16}-shard-00003.parquet.tmp"]
+    for path in temps:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half an image")
     config = FiltersConfig(output=str(out), model=ModelSpec(kind="vgg16", weights="random"),
                            layers=tuple(LAYERS), size=48, steps=4, filters_per_unit=32,
                            weights_filters=4, weights_channels=5, progress=False)
     result = run_filters(config)
     assert result.computed_units == 1 and result.skipped_units == 3
+    assert [p for p in temps if p.exists()] == []
     after = pq.read_table(out / "filters" / "manifest.parquet")
     assert after.num_rows == 128
     # recomputed from the same seeded noise with the same model: the same activations

@@ -43,6 +43,12 @@ class Kind:
             self.root, self.units, self.rows = os.path.join(self.out, "filters"), 8, 32
         self.args += ["--s3-endpoint-url", ENDPOINT]
 
+    def image_folder(self, unit):
+        """A folder the kind's worker writes a unit's images to."""
+        if self.name == "explain":
+            return os.path.join(self.out, "overlays", f"{unit:05d}")
+        return os.path.join(self.root, "conv2d")
+
     def markers(self):
         return sorted(glob.glob(os.path.join(self.root, "_commits", "shard-*.json")))
 
@@ -108,6 +114,31 @@ def test_machine_lost_after_a_marker_then_resume_rolls_forward_and_retries_a_kil
     assert len(rows) == kind.rows and len(set(rows)) == kind.rows  # complete, exactly once
     assert len(kind.markers()) == kind.units
     kind.assert_no_secret()
+
+
+def test_temp_files_of_attempts_killed_during_the_run_are_deleted_at_its_end(kind, tmp_path):
+    """A worker killed mid-write (its node left) leaves `_tmp-*` files in `_staging/` and beside
+    the unit's images while the run goes on: the run deletes them once its workers have stopped,
+    not only the next run. Planted while the worker holds after staging unit 1."""
+    flag = str(tmp_path / "flag")
+    proc = start(kind.args, "after_stage:1", flag, action="hold")
+    try:
+        wait_flag(flag, proc)
+        temps = [os.path.join(kind.root, "_staging", f"_tmp-{'cd' * 16}-shard-00001.parquet.tmp"),
+                 os.path.join(kind.root, "_commits", f"_tmp-{'cd' * 16}-shard-00000.json.tmp"),
+                 os.path.join(kind.image_folder(1), f"_tmp-{'cd' * 16}-half-an-image.png.tmp")]
+        for path in temps:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(b"a killed attempt's half write")
+        open(flag + ".go", "w").close()
+        rc, err = finish(proc, timeout=300)
+    finally:
+        kill_session(proc)
+    assert rc == 0, err[-3000:]
+    assert [p for p in temps if os.path.exists(p)] == []
+    rows = kind.visible_rows()
+    assert len(rows) == kind.rows and len(set(rows)) == kind.rows
 
 
 @pytest.mark.slow

@@ -475,33 +475,6 @@ def test_node_leaving_a_two_node_cluster(tmp_path):
     assert_exactly_once(out, inputs)
 
 
-def test_temp_files_of_attempts_killed_during_the_run_are_deleted_at_its_end(tmp_path):
-    """A worker killed mid-write (its node left) leaves `_tmp-*` files in `_staging/` and in its
-    unit's image folder while the run goes on; the run deletes them once its workers have stopped,
-    not only the next run's repair. Planted while a worker holds after staging shard 1."""
-    inputs = make_inputs(str(tmp_path / "in"), 4, seed=4)
-    out, flag = str(tmp_path / "out"), str(tmp_path / "flag")
-    proc = start(["run", "--input", str(tmp_path / "in"), "--output", out, *MODEL, "--shard-size", "2",
-                  "--batch-size", "2"], "after_stage:1", flag, action="hold")
-    try:
-        wait_flag(flag, proc)
-        temps = [os.path.join(out, *folder, f"_tmp-{'cd' * 16}-{name}.tmp")
-                 for folder, name in ((("_staging",), "shard-00001.parquet"),
-                                      (("overlays", "00001"), "00000-0123456789abcdef.jpg"),
-                                      (("_commits",), "shard-00000.json"))]
-        for path in temps:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(b"a killed attempt's half write")
-        open(flag + ".go", "w").close()
-        code, err = finish(proc)
-    finally:
-        kill_session(proc)
-    assert code == 0, err[-3000:]
-    assert [p for p in temps if os.path.exists(p)] == []
-    assert_exactly_once(out, inputs)
-
-
 def test_roll_forward_checks_the_staged_part_and_temp_files_are_deleted(ray_local, tmp_path):
     """A marker whose staged part holds other rows is not published (the shard is redone), even
     when the part's footer names that marker's commit; a matching one is (roll forward); temp

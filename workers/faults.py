@@ -5,8 +5,8 @@ its Ray workers.
 
     BULK_EXPLAIN_TEST_CRASH_AT      POINT or POINT:SHARD  (POINT: listing, planned, ray_started
                                     (driver, Ray up, signals still deferred), before_stage,
-                                    after_stage, after_marker, after_publish; the filters worker
-                                    has after_stage and after_marker, without a shard;
+                                    after_stage, after_marker, after_publish (every kind's worker,
+                                    in `workers/commit.py`; SHARD is the unit id);
                                     the audit has audit_written, before its summary.json)
     BULK_EXPLAIN_TEST_CRASH_ACTION  exit (default: os._exit, no cleanup), kill (SIGKILL itself),
                                     pause (sleep, so that the test can kill whatever it wants), or

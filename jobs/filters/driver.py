@@ -42,6 +42,7 @@ from bulk_explain.jobs.runner import Plan, RunCounts, UnitJob, run_job
 from bulk_explain.jobs.runtime import read_json
 from bulk_explain.workers.filters.layout import FiltersLayout, safe_name
 from bulk_explain.workers.models import ModelError, load_feature_model
+from bulk_explain.workers.storage import is_temp_name
 
 INPUT_HANDLING = "the image tensor goes to the model as is (no model preprocessing), as in the lecture"
 _OPTION_OF = {"model.kind": "--model", "model.weights": "--weights", "model.model_file": "--model-file",
@@ -171,7 +172,8 @@ class FiltersJob(UnitJob):
 
     def _delete_stale_images(self) -> int:
         """Images of other settings that the visible manifest does not reference (left by a run
-        with other settings, or by the run before the manifest was last replaced)."""
+        with other settings, or by the run before the manifest was last replaced), and temp files
+        of image writes a killed worker left (the lease keeps every other writer out)."""
         storage = self.layout.storage
         referenced = set()
         try:
@@ -182,10 +184,18 @@ class FiltersJob(UnitJob):
         except FileNotFoundError:
             pass
         own = f"-{self.key[:12]}.png"
-        stale = [u for u in self.layout.filter_images() if u not in referenced and not u.endswith(own)]
+        stale = [u for u in self.layout.filter_images(temp_files=True) if u not in referenced and not u.endswith(own)]
         for uri in stale:
             storage.delete(uri)
         return len(stale)
+
+    def delete_temp_files(self, shards) -> None:
+        super().delete_temp_files(shards)
+        if not self.layout.storage.leaves_temp_files:
+            return
+        for uri in self.layout.filter_images(temp_files=True):
+            if is_temp_name(uri):
+                self.layout.storage.delete(uri)
 
     def job_record(self) -> dict:
         import keras

@@ -17,7 +17,7 @@ import re
 from typing import Iterator
 
 from bulk_explain.workers.layout import CommitLayout
-from bulk_explain.workers.storage import storage_for
+from bulk_explain.workers.storage import is_temp_name, storage_for
 
 _RESERVED = ("_parts", "_commits", "_staging", "sheets")
 _IMAGE = re.compile(r"^[A-Za-z0-9._-]+_\d{4,}(-[0-9a-f]{12})?\.png$")
@@ -52,10 +52,16 @@ class FiltersLayout(CommitLayout):
     def sheet(self, layer: str) -> str:
         return self._join("sheets", f"{safe_name(layer)}.png")
 
-    def filter_images(self) -> Iterator[str]:
-        """Every filter image under DST/filters (any layer, any settings key)."""
+    def filter_images(self, temp_files: bool = False) -> Iterator[str]:
+        """Every filter image under DST/filters (any layer, any settings key).
+
+        Args:
+            temp_files: also the temp files (`is_temp_name`) a worker killed mid-write left in the
+                layer folders (the commit folders' own are `jobs/units.py`'s).
+        """
         for uri in self.storage.list_names(self.output):
             rel = uri[len(self.output):].lstrip("/")
             parts = rel.split("/")
-            if len(parts) == 2 and parts[0] not in _RESERVED and _IMAGE.match(parts[1]):
+            if len(parts) == 2 and parts[0] not in _RESERVED and (
+                    _IMAGE.match(parts[1]) or (temp_files and is_temp_name(parts[1]))):
                 yield uri
